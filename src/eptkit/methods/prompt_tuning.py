@@ -1,0 +1,49 @@
+"""Prompt tuning (Lester et al., 2021; SPEC 1.1): a trainable prompt P (l x d) before the text."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..config import PromptTuningConfig
+
+
+def init_prompt(config: PromptTuningConfig, word_embeddings: nn.Embedding, init_token_ids=None) -> torch.Tensor:
+    """Initial prompt (prompt_length x d) in float32, built from the frozen vocabulary.
+
+    `init_token_ids` are the token ids of `config.init_text` (only for init='text'); the caller
+    tokenizes because only it knows the tokenizer.
+    """
+    weight = word_embeddings.weight.detach()
+    length = config.prompt_length
+    if config.init == "sample_vocab":
+        # Random rows of the vocabulary: prompt vectors start in the region of embedding space the
+        # backbone was trained on, which is what makes high prompt learning rates stable.
+        rows = torch.randint(0, weight.shape[0], (length,))
+        prompt = weight[rows]
+    elif config.init == "text":
+        ids = list(init_token_ids or [])
+        if not ids:
+            raise ValueError("init_text: tokenized to no tokens; pass a tokenizer and a non-empty text")
+        ids = (ids * math.ceil(length / len(ids)))[:length]
+        prompt = weight[torch.tensor(ids)]
+    else:  # "random"
+        prompt = torch.randn(length, weight.shape[1]) * weight.float().std()
+    return prompt.float().clone()
+
+
+class PromptTuning(nn.Module):
+    """Holds P; `forward()` returns (prompt, offset=None) like every method."""
+
+    def __init__(self, config: PromptTuningConfig, word_embeddings: nn.Embedding, init_token_ids=None):
+        super().__init__()
+        self.config = config
+        self.prompt_embeddings = nn.Parameter(init_prompt(config, word_embeddings, init_token_ids))
+
+    def forward(self) -> tuple[torch.Tensor, None]:
+        return self.prompt_embeddings, None
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"prompt": [self.prompt_embeddings]}
