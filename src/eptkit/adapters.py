@@ -24,7 +24,7 @@ from torch import nn
 
 from . import __version__
 from .config import CONFIG_CLASSES, DePTConfig, PromptTuningConfig
-from .model import CompiledPrompt, PromptedModel
+from .model import CompiledPrompt, PromptedModel, _check_positions, detect_task_type
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -96,7 +96,10 @@ def backbone_facts(model: nn.Module) -> dict:
 
 def _check_backbone(saved: dict, model: nn.Module, where: Path) -> None:
     actual = backbone_facts(model)
-    for key in ("hidden_size", "vocab_size"):
+    keys = ["hidden_size", "vocab_size"]
+    if saved.get("task_type") == "classification":
+        keys.append("num_labels")
+    for key in keys:
         if key in saved and saved[key] != actual[key]:
             raise AdapterError(
                 f"{where}: adapter was trained on a backbone with {key}={saved[key]} "
@@ -118,7 +121,6 @@ def save_adapter(model: PromptedModel, directory, *, compiled: bool | None = Non
         **model.config.to_dict(),
         **backbone_facts(model.backbone),
         "task_type": model.task_type,
-        "pooling": model.pooling,
         "head_name": model.head_name,
         "compiled": bool(compiled),
         "eptkit_version": __version__,
@@ -151,7 +153,7 @@ def _read_safetensors(path: Path, expected_sha256: str | None = None) -> dict[st
         raise AdapterError(f"{path}: cannot read tensors, the file is truncated or corrupted ({e})") from None
 
 
-def load_adapter(model: nn.Module, directory, *, tokenizer=None, adapter_name: str = "default") -> PromptedModel:
+def load_adapter(model: nn.Module, directory, *, adapter_name: str = "default") -> PromptedModel:
     """Load an eptkit adapter, a PEFT prompt-tuning adapter, or a DePT checkpoint onto `model`."""
     directory = Path(directory)
     if not directory.is_dir():
@@ -166,6 +168,12 @@ def load_adapter(model: nn.Module, directory, *, tokenizer=None, adapter_name: s
     if "method" not in saved:
         raise AdapterError(f"{directory / CONFIG_NAME}: no 'method' field; not an eptkit adapter")
 
+    task_type = detect_task_type(model)
+    if saved.get("task_type", task_type) != task_type:
+        raise AdapterError(
+            f"{directory / CONFIG_NAME}: adapter is for a {saved['task_type']} model, "
+            f"{type(model).__name__} is a {task_type} model"
+        )
     _check_backbone(saved, model, directory / CONFIG_NAME)
     cls = CONFIG_CLASSES.get(saved["method"])
     if cls is None:
@@ -173,6 +181,7 @@ def load_adapter(model: nn.Module, directory, *, tokenizer=None, adapter_name: s
     fields = {f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved}
     try:
         config = cls(**fields)
+        _check_positions(model, config)
     except (TypeError, ValueError) as e:
         raise AdapterError(f"{directory / CONFIG_NAME}: {e}") from None
     state = _read_safetensors(directory / WEIGHTS_NAME, saved.get("weights_sha256"))

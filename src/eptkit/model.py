@@ -19,6 +19,7 @@ so several adapters can share one frozen backbone; the prompt and offset pass th
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import torch
@@ -64,6 +65,17 @@ def detect_task_type(model: nn.Module) -> str:
     )
 
 
+def _check_positions(model: nn.Module, config: PromptTuningConfig) -> None:
+    """The prompt plus the longest text the adapter accepts must fit the backbone's positions."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    longest = config.prompt_length + getattr(config, "max_length", 0)
+    if isinstance(limit, int) and longest > limit:
+        raise ValueError(
+            f"max_length: prompt_length + max_length = {longest} exceeds the backbone's "
+            f"max_position_embeddings={limit}; lower max_length or prompt_length"
+        )
+
+
 class CompiledPrompt(nn.Module):
     """A trained adapter's prompt side frozen into constants: (P_out, D) as buffers (SPEC 1.3)."""
 
@@ -91,14 +103,18 @@ class PromptedModel(nn.Module):
     ):
         super().__init__()
         self.task_type = detect_task_type(model)
+        _check_positions(model, config)
         self.backbone = model
         # Frozen: no gradient and therefore no optimizer state for any backbone weight.
         for p in model.parameters():
             p.requires_grad_(False)
         self.word_embeddings = model.get_input_embeddings()
+        if self.task_type == "classification" and config.pooling is None:
+            # Mean pooling is the default for encoders: with the backbone's own head, which reads
+            # position 0 (a virtual token), prompt tuning collapsed to one class (SPEC 2).
+            config = dataclasses.replace(config, pooling="backbone" if hasattr(model, "score") else "mean")
         self.configs: dict[str, PromptTuningConfig] = {adapter_name: config}
         self.active_adapter = adapter_name
-        self.pooling = self._resolve_pooling(config.pooling)
 
         if method is None:
             init_ids = None
@@ -146,14 +162,9 @@ class PromptedModel(nn.Module):
     def is_compiled(self) -> bool:
         return isinstance(self.method, CompiledPrompt)
 
-    def _resolve_pooling(self, pooling: str | None) -> str | None:
-        if self.task_type != "classification":
-            return None
-        if pooling is None:
-            # Mean pooling is the default for encoders: with the backbone's own head, which reads
-            # position 0 (a virtual token), prompt tuning collapsed to one class (SPEC 2).
-            return "backbone" if hasattr(self.backbone, "score") else "mean"
-        return pooling
+    @property
+    def pooling(self) -> str | None:
+        return self.config.pooling if self.task_type == "classification" else None
 
     # ------------------------------------------------------------------ parameters
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -351,7 +362,6 @@ class PromptedModel(nn.Module):
         compiled.word_embeddings = self.word_embeddings
         compiled.configs = dict(self.configs)
         compiled.active_adapter = self.active_adapter
-        compiled.pooling = self.pooling
         compiled.adapters = nn.ModuleDict({self.active_adapter: CompiledPrompt(prompt, offset)})
         compiled.head_name = self.head_name
         compiled.heads = nn.ModuleDict({k: v for k, v in self.heads.items() if k == self.active_adapter})
