@@ -276,3 +276,23 @@ def test_bundled_minilm_runs_all_methods():
 def test_prompt_plus_max_length_must_fit_the_positions():
     with pytest.raises(ValueError, match="max_position_embeddings=128"):
         get_prompted_model(tiny_bert(), DePTConfig(prompt_length=60, rank=2, max_length=100))
+
+
+def test_named_adapters_share_one_frozen_backbone(random_ids):
+    model = tiny_bert()
+    prompted = get_prompted_model(model, EPTConfig(prompt_length=3, rank=2, max_length=16))
+    prompted.add_adapter("other", PromptTuningConfig(prompt_length=5))
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        prompted.heads["other"].weight.normal_()
+    first = prompted.eval()(input_ids=ids).logits
+    prompted.set_adapter("other")
+    assert prompted.config.method == "pt" and prompted.param_groups()["head"][0] is prompted.heads["other"].weight
+    second = prompted(input_ids=ids).logits
+    alone = get_prompted_model(tiny_bert(), PromptTuningConfig(prompt_length=5)).eval()
+    alone.load_adapter_state_dict(prompted.adapter_state_dict())
+    assert torch.allclose(second, alone(input_ids=ids).logits, atol=1e-6)
+    prompted.set_adapter("default")
+    assert torch.equal(prompted(input_ids=ids).logits, first)
+    with pytest.raises(ValueError, match="no adapter named 'x'"):
+        prompted.set_adapter("x")

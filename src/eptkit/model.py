@@ -103,19 +103,37 @@ class PromptedModel(nn.Module):
     ):
         super().__init__()
         self.task_type = detect_task_type(model)
-        _check_positions(model, config)
         self.backbone = model
         # Frozen: no gradient and therefore no optimizer state for any backbone weight.
         for p in model.parameters():
             p.requires_grad_(False)
         self.word_embeddings = model.get_input_embeddings()
+        self.configs: dict[str, PromptTuningConfig] = {}
+        self.adapters = nn.ModuleDict()
+        self.heads = nn.ModuleDict()
+        self.head_name = None
+        if self.task_type == "classification":
+            self.head_name = next((n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)), None)
+            if self.head_name is None:
+                raise TypeError(f"{type(model).__name__}: no classification head named one of {HEAD_NAMES}")
+            # Each adapter trains its own copy of the head (as PEFT's modules_to_save does); the
+            # pretrained head stays untouched, remembered on the backbone (outside the module tree)
+            # so that wrapping the same backbone again starts from it, not from a trained copy.
+            if not hasattr(model, "_eptkit_pretrained_head"):
+                object.__setattr__(model, "_eptkit_pretrained_head", [getattr(model, self.head_name)])
+        self.add_adapter(adapter_name, config, tokenizer=tokenizer, method=method)
+        self.set_adapter(adapter_name)
+
+    def add_adapter(self, name: str, config: PromptTuningConfig, *, tokenizer=None, method: nn.Module | None = None):
+        """Add a named adapter (its own prompt method and, for classifiers, its own head) on the
+        shared frozen backbone. `set_adapter(name)` makes it the one forward() uses."""
+        if name in self.adapters:
+            raise ValueError(f"adapter_name: an adapter named {name!r} exists already")
+        _check_positions(self.backbone, config)
         if self.task_type == "classification" and config.pooling is None:
             # Mean pooling is the default for encoders: with the backbone's own head, which reads
             # position 0 (a virtual token), prompt tuning collapsed to one class (SPEC 2).
-            config = dataclasses.replace(config, pooling="backbone" if hasattr(model, "score") else "mean")
-        self.configs: dict[str, PromptTuningConfig] = {adapter_name: config}
-        self.active_adapter = adapter_name
-
+            config = dataclasses.replace(config, pooling="backbone" if hasattr(self.backbone, "score") else "mean")
         if method is None:
             init_ids = None
             if config.init == "text":
@@ -123,23 +141,17 @@ class PromptedModel(nn.Module):
                     raise ValueError("init='text' needs the tokenizer: get_prompted_model(model, config, tokenizer=...)")
                 init_ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
             method = build_method(config, self.word_embeddings, init_ids)
-        self.adapters = nn.ModuleDict({adapter_name: method})
+        self.configs[name] = config
+        self.adapters[name] = method
+        if self.head_name is not None:
+            self.heads[name] = copy.deepcopy(self.backbone._eptkit_pretrained_head[0]).requires_grad_(True)
 
-        self.head_name = None
-        self.heads = nn.ModuleDict()
-        if self.task_type == "classification":
-            self.head_name = next((n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)), None)
-            if self.head_name is None:
-                raise TypeError(f"{type(model).__name__}: no classification head named one of {HEAD_NAMES}")
-            # The adapter trains its own copy of the head (as PEFT's modules_to_save does); the
-            # pretrained head stays untouched, remembered on the backbone (outside the module tree)
-            # so that wrapping the same backbone again starts from it, not from a trained copy.
-            if not hasattr(model, "_eptkit_pretrained_head"):
-                object.__setattr__(model, "_eptkit_pretrained_head", [getattr(model, self.head_name)])
-            head = copy.deepcopy(model._eptkit_pretrained_head[0])
-            head.requires_grad_(True)
-            self.heads[adapter_name] = head
-            setattr(model, self.head_name, head)
+    def set_adapter(self, name: str) -> None:
+        if name not in self.adapters:
+            raise ValueError(f"adapter_name: no adapter named {name!r}; have {sorted(self.adapters)}")
+        self.active_adapter = name
+        if self.head_name is not None:
+            setattr(self.backbone, self.head_name, self.heads[name])
 
     # ------------------------------------------------------------------ properties
     @property
