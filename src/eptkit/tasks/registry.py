@@ -74,8 +74,10 @@ class TaskSpec:
     def render_label(self, label) -> str:
         """Target string for a label id (classification) or a score (regression)."""
         if self.is_regression:
-            step = self.regression_step or 0.1
-            return f"{round(float(label) / step) * step:.1f}"
+            if self.regression_step is None:
+                return f"{float(label):.2f}"
+            # round(x / 0.2) * 0.2 is T5's STS-B rule (ties to even, as numpy.round).
+            return f"{round(float(label) / self.regression_step) * self.regression_step:.1f}"
         return self.label_words[int(label)]
 
     def parse_label(self, text: str):
