@@ -5,6 +5,8 @@ __version__ = "0.1.0"
 from .config import DePTConfig, EPTConfig, PromptTuningConfig  # noqa: E402
 from .model import PromptedModel, get_prompted_model  # noqa: E402
 from .adapters import AdapterError, export_peft, load_adapter, save_adapter  # noqa: E402
+from .metrics import compute_metrics  # noqa: E402
+from .tasks import TASKS, DataError, TaskSpec, load_files, load_task  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -17,4 +19,10 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "export_peft",
+    "TASKS",
+    "TaskSpec",
+    "DataError",
+    "load_task",
+    "load_files",
+    "compute_metrics",
 ]
