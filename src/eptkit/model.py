@@ -249,8 +249,10 @@ class PromptedModel(nn.Module):
         if offset is not None:
             real = attention_mask.bool() if offset_mask is None else attention_mask.bool() & offset_mask
             positions = attention_mask.long().cumsum(dim=1) - 1
-            too_long = real & (positions >= offset.shape[0])
-            if too_long.any():
+            # Only a padded width beyond max_length can hold a too-late token; checking the width
+            # first spares the GPU a host sync on every step.
+            too_long = real & (positions >= offset.shape[0]) if input_ids.shape[1] > offset.shape[0] else None
+            if too_long is not None and too_long.any():
                 row = int(too_long.any(dim=1).nonzero()[0])
                 length = int(real[row].sum())
                 raise ValueError(

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One-shot GPU speed benchmark at the paper's setting: a T5-base-shaped model (random weights, no
+# download), batch 32, source length 256, target length 3, PT l=100 vs DePT/EPT m=60 r=30.
+# Run from anywhere in a fresh checkout on a machine with one CUDA GPU:
+#
+#     bash benchmarks/gpu_speed.sh              # installs into .venv-gpu, then runs fp32 and bf16
+#     OUT=/some/dir bash benchmarks/gpu_speed.sh    # results under $OUT instead of benchmarks/results
+#
+# Environment knobs:
+#   PYTHON=python3.11        interpreter used to create the venv
+#   VENV=.venv-gpu           venv directory (created if missing)
+#   USE_SYSTEM_TORCH=1       create the venv with --system-site-packages (reuse a preinstalled CUDA torch)
+#   SKIP_INSTALL=1           use $VENV as it is
+#   DTYPES="fp32 bf16"       which precisions to run (bf16 = torch.autocast, fp32 weights)
+#   WARMUP=10 REPEATS=30     rounds per method (interleaved round-robin)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv-gpu}
+DTYPES=${DTYPES:-"fp32 bf16"}
+WARMUP=${WARMUP:-10}
+REPEATS=${REPEATS:-30}
+OUT_DIR=${OUT:-benchmarks/results}
+
+if [ -z "${SKIP_INSTALL:-}" ]; then
+    if [ ! -x "$VENV/bin/python" ]; then
+        if [ -n "${USE_SYSTEM_TORCH:-}" ]; then
+            "$PYTHON" -m venv --system-site-packages "$VENV"
+        else
+            "$PYTHON" -m venv "$VENV"
+        fi
+    fi
+    "$VENV/bin/pip" install -q --upgrade pip
+    # torch==2.13.0 from PyPI is the CUDA build on Linux x86-64.
+    "$VENV/bin/pip" install -q -e .
+fi
+PY="$VENV/bin/python"
+
+"$PY" - <<'PYEOF'
+import torch
+assert torch.cuda.is_available(), "CUDA is not available to torch: this script needs a GPU"
+print("GPU:", torch.cuda.get_device_name(0), "| torch", torch.__version__, "| CUDA", torch.version.cuda)
+PYEOF
+
+mkdir -p "$OUT_DIR"
+for DT in $DTYPES; do
+    NAME=speed_t5-base-shaped_cuda
+    [ "$DT" = fp32 ] || NAME="${NAME}_${DT}"
+    HF_HUB_OFFLINE=1 "$PY" benchmarks/speed.py --model t5-base-shaped --device cuda --dtype "$DT" \
+        --warmup "$WARMUP" --repeats "$REPEATS" --out-dir "$OUT_DIR" --name "$NAME" \
+        2> >(tee "$OUT_DIR/$NAME.log" >&2)
+done
+echo "results in $OUT_DIR"
