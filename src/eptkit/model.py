@@ -186,7 +186,11 @@ class PromptedModel(nn.Module):
             groups["head"] = list(self.heads[self.active_adapter].parameters())
         return {name: params for name, params in groups.items() if params}
 
-    def num_parameters(self, trainable_only: bool = True) -> int:
+    def num_parameters(self, trainable_only: bool = True, exclude_embeddings: bool = False) -> int:
+        """Adapter (and head) parameters, or with trainable_only=False everything including the backbone.
+        `exclude_embeddings` (asked by transformers.Trainer) leaves out the frozen word embeddings."""
+        if exclude_embeddings and not trainable_only:
+            return self.num_parameters(trainable_only=False) - self.word_embeddings.weight.numel()
         if trainable_only:
             return sum(p.numel() for ps in self.param_groups().values() for p in ps)
         seen = {id(p): p for p in self.parameters()}

@@ -1,0 +1,235 @@
+"""Comparison methods (SPEC 1.4) behind the same small interface as `PromptedModel`.
+
+The training loop (`eptkit.train`) only needs, from any model it trains:
+
+    task_type                 "classification", "seq2seq" or "causal"
+    max_length                source-length limit in tokens, or None
+    forward(input_ids, attention_mask, labels=None, token_type_ids=None) -> output with .loss/.logits
+    generate(input_ids, attention_mask, **kw)   new tokens only (text-to-text models)
+    param_groups()            {group name: [trainable parameters]}; the loop gives each group its lr
+    num_parameters(trainable_only=True)
+    adapter_state_dict() / load_adapter_state_dict(state)   the trainable tensors (checkpoints)
+    save_pretrained(directory)
+
+Three wrappers provide it:
+
+- `LoRAModel`: LoRA through PEFT (`peft.get_peft_model`), r=8 on BERT's query/value (PEFT's defaults
+  elsewhere); for sequence classification PEFT's `modules_to_save` trains the classifier head.
+  Groups: `lora`, `head`. Saved with PEFT's own `save_pretrained` (loadable by `PeftModel`).
+- `FullFineTuneModel`: every weight trainable, one group `full`. Saved as `model.safetensors` of
+  the whole state plus `eptkit_baseline.json`.
+- `HeadOnlyModel`: a linear probe. The encoder is frozen and *mean-pooled over the text tokens* (the
+  pooling the prompt methods use by default on encoders, SPEC 2), then the backbone's own
+  classifier (a trainable copy, as for the prompt methods). Group `head`. Classification only.
+
+`build_model` picks a wrapper (or a `PromptedModel`) from a method name.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from . import __version__
+from .adapters import atomic_write_json
+from .model import HEAD_NAMES, detect_task_type
+
+PROMPT_METHODS = ("pt", "dept", "ept")
+BASELINE_METHODS = ("lora", "full", "head")
+METHODS = PROMPT_METHODS + BASELINE_METHODS
+BASELINE_CONFIG_NAME = "eptkit_baseline.json"
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """safetensors, atomically; tied/shared tensors are cloned (safetensors refuses shared storage)."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+class _Wrapper(nn.Module):
+    """Shared plumbing: the wrapped module is `self.inner`; the trainable tensors are named as in it."""
+
+    method = "baseline"
+    max_length = None
+
+    def num_parameters(self, trainable_only: bool = True, exclude_embeddings: bool = False) -> int:
+        # exclude_embeddings: accepted because transformers.Trainer calls num_parameters(exclude_embeddings=True).
+        if trainable_only:
+            return sum(p.numel() for ps in self.param_groups().values() for p in ps)
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    def _trainable_named(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.inner.named_parameters() if p.requires_grad}
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self._trainable_named().items()}
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = self._trainable_named()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"trainable tensors do not match the model: missing {missing}, unexpected {unexpected}")
+        with torch.no_grad():
+            for name, p in expected.items():
+                if tuple(state[name].shape) != tuple(p.shape):
+                    raise ValueError(f"tensor {name!r} has shape {tuple(state[name].shape)}, expected {tuple(p.shape)}")
+                p.copy_(state[name].to(p.dtype))
+
+    def _write_info(self, directory: Path, **extra) -> None:
+        atomic_write_json(
+            directory / BASELINE_CONFIG_NAME,
+            {"method": self.method, "task_type": self.task_type, "eptkit_version": __version__, **extra},
+        )
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        if self.task_type == "classification":
+            raise TypeError("generate: a sequence classifier does not generate; call the model for logits")
+        out = self.inner.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        # Same contract as PromptedModel.generate: new tokens only.
+        return out[:, input_ids.shape[1]:] if self.task_type == "causal" else out
+
+
+class LoRAModel(_Wrapper):
+    method = "lora"
+
+    def __init__(self, model: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0.0, target_modules=None):
+        super().__init__()
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        self.task_type = detect_task_type(model)
+        peft_task = {"classification": TaskType.SEQ_CLS, "seq2seq": TaskType.SEQ_2_SEQ_LM, "causal": TaskType.CAUSAL_LM}
+        if target_modules is None and getattr(model.config, "model_type", None) in ("bert", "roberta", "deberta"):
+            target_modules = ["query", "value"]
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"lora_r: must be a positive integer, got {r!r}")
+        config = LoraConfig(
+            task_type=peft_task[self.task_type], r=r, lora_alpha=alpha, lora_dropout=dropout,
+            target_modules=target_modules,
+        )
+        self.inner = get_peft_model(model, config)
+
+    def param_groups(self):
+        lora, head = [], []
+        for name, p in self.inner.named_parameters():
+            if p.requires_grad:
+                (lora if "lora_" in name else head).append(p)
+        return {k: v for k, v in {"lora": lora, "head": head}.items() if v}
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, token_type_ids=None, **kwargs):
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    def save_pretrained(self, directory) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.inner.save_pretrained(str(directory))
+        self._write_info(directory)
+
+
+class FullFineTuneModel(_Wrapper):
+    method = "full"
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.task_type = detect_task_type(model)
+        self.inner = model
+        for p in model.parameters():
+            p.requires_grad_(True)
+
+    def param_groups(self):
+        return {"full": [p for p in self.inner.parameters() if p.requires_grad]}
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, token_type_ids=None, **kwargs):
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    def save_pretrained(self, directory) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        _save_tensors(directory / "model.safetensors", self.adapter_state_dict())
+        self._write_info(directory, backbone=getattr(self.inner.config, "_name_or_path", None))
+
+
+class HeadOnlyModel(_Wrapper):
+    """Linear probe: frozen encoder, mean pooling over the text tokens, trainable classifier head."""
+
+    method = "head"
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.task_type = detect_task_type(model)
+        if self.task_type != "classification":
+            raise ValueError("method 'head' (linear probe) needs a sequence-classification backbone")
+        self.inner = model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.head_name = next((n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)), None)
+        if self.head_name is None:
+            raise TypeError(f"{type(model).__name__}: no classification head named one of {HEAD_NAMES}")
+        head = copy.deepcopy(getattr(model, self.head_name))
+        head.requires_grad_(True)
+        setattr(model, self.head_name, head)
+
+    @property
+    def head(self) -> nn.Module:
+        return getattr(self.inner, self.head_name)
+
+    def param_groups(self):
+        return {"head": list(self.head.parameters())}
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, token_type_ids=None, **kwargs):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        hidden = self.inner.base_model(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+        head = self.head
+        if isinstance(head, nn.Linear):
+            dropout = getattr(self.inner, "dropout", None)
+            logits = head(dropout(pooled) if isinstance(dropout, nn.Dropout) else pooled)
+        else:  # heads reading a sequence's first position (RoBERTa-style)
+            logits = head(pooled.unsqueeze(1))
+        loss = None
+        if labels is not None:
+            if logits.shape[-1] == 1:
+                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
+            else:
+                loss = F.cross_entropy(logits.float(), labels.long())
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    def save_pretrained(self, directory) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        _save_tensors(directory / "model.safetensors", {f"{self.head_name}.{k}": v for k, v in self.head.state_dict().items()})
+        self._write_info(directory, head_name=self.head_name, pooling="mean")
+
+
+def build_model(model: nn.Module, method: str, method_config=None, *, tokenizer=None, lora_r: int = 8):
+    """Wrap a loaded backbone for `method` (one of METHODS). Prompt methods need `method_config`."""
+    if method in PROMPT_METHODS:
+        from .model import get_prompted_model
+
+        if method_config is None or method_config.method != method:
+            raise ValueError(f"method {method!r} needs its config (PromptTuningConfig/DePTConfig/EPTConfig)")
+        return get_prompted_model(model, method_config, tokenizer=tokenizer)
+    if method == "lora":
+        return LoRAModel(model, r=lora_r)
+    if method == "full":
+        return FullFineTuneModel(model)
+    if method == "head":
+        return HeadOnlyModel(model)
+    raise ValueError(f"method: unknown method {method!r}; expected one of {', '.join(METHODS)}")
+

@@ -1,0 +1,308 @@
+"""The `eptkit` command line: train / evaluate / predict / export / info, recipes, bad input, 2 processes.
+
+End-to-end runs use the real data folder (skipped if absent) with a tiny random BERT that carries the
+bundled MiniLM tokenizer, so each run takes seconds.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import data_dir
+from eptkit.cli import main
+from test_train import save_tiny_backbones  # noqa: F401  (tiny_models fixture below)
+
+DATA = data_dir()
+needs_data = pytest.mark.skipif(not (DATA / "superglue" / "CB" / "train.jsonl").is_file(),
+                                reason=f"data folder {DATA} not found (set EPTKIT_DATA_DIR)")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+ENV.pop("EPTKIT_DEBUG", None)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return save_tiny_backbones(tmp_path_factory.mktemp("tiny_cli"))
+
+
+def small_train_args(model, out, method="ept", steps=4):
+    args = ["train", "--task", "cb", "--method", method, "--model", model, "--data-dir", str(DATA),
+            "--output-dir", str(out), "--max-steps", str(steps), "--eval-steps", "2", "--save-steps", "2",
+            "--batch-size", "4", "--max-length", "64", "--max-train-samples", "32", "--max-eval-samples", "16",
+            "--lr", "3e-2", "--lr-low-rank", "1e-2"]
+    if method in ("pt", "dept", "ept"):
+        args += ["--prompt-length", "4"]
+    if method in ("dept", "ept"):
+        args += ["--rank", "2"]
+    return args
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    """One CLI training run (EPT, tiny BERT, real CB) shared by the evaluate/predict/export/info tests."""
+    if not (DATA / "superglue" / "CB" / "train.jsonl").is_file():
+        pytest.skip("data folder not found")
+    out = tmp_path_factory.mktemp("cli_run") / "cb-ept"
+    assert main(small_train_args(tiny["bert"], out)) == 0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- train
+@needs_data
+def test_train_writes_the_output_directory(trained):
+    names = {p.name for p in trained.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "results.json", "log.jsonl", "checkpoints",
+            "eptkit_run.json"} <= names
+    results = json.loads((trained / "results.json").read_text())
+    assert results["task"] == "cb" and results["method"] == "ept" and results["steps"] == 4
+    assert results["num_examples"] == {"train": 32, "validation": 16, "test": 16}
+    assert set(results["test"]) == {"accuracy", "macro_f1", "average"}
+    assert results["config"]["method"]["prompt_length"] == 4 and results["config"]["method"]["max_length"] == 64
+    assert {"eptkit", "torch", "transformers", "accelerate"} <= set(results["versions"])
+    run = json.loads((trained / "eptkit_run.json").read_text())
+    assert run["task"] == "cb" and Path(run["backbone"]).is_dir()
+
+
+@needs_data
+def test_train_prints_a_json_summary_and_recipes_are_overridden(tiny, tmp_path, capsys):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"description": "test", "task": "cb", "method": "dept", "prompt-length": 3,
+                                  "rank": 2, "max_steps": 2, "eval-steps": 1, "batch-size": 4, "max-length": 48,
+                                  "max-train-samples": 16, "max-eval-samples": 8, "lr": 0.05}))
+    code, out, _ = run_cli(["train", "--config", recipe, "--model", tiny["bert"], "--data-dir", DATA,
+                            "--output-dir", tmp_path / "run", "--lr", "0.01"], capsys)
+    assert code == 0
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["method"] == "dept" and summary["test"] is not None
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["config"]["method"]["prompt_length"] == 3  # from the recipe
+    assert results["config"]["train"]["lr"] == 0.01  # the command line wins
+    assert results["config"]["train"]["max_steps"] == 2
+
+
+@needs_data
+@pytest.mark.parametrize("method", ["pt", "lora", "head"])
+def test_train_other_methods(tiny, tmp_path, capsys, method):
+    code, out, err = run_cli(small_train_args(tiny["bert"], tmp_path, method, steps=2), capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "results.json").read_text())["method"] == method
+
+
+def test_users_own_files(tiny, tmp_path, capsys):
+    rows = [{"text": f"{w} movie {i}", "sentiment": w} for i, w in enumerate(["good", "bad"] * 12)]
+    path = tmp_path / "reviews.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, err = run_cli(["train", "--train-file", path, "--label-column", "sentiment", "--text-columns", "text",
+                              "--method", "pt", "--prompt-length", "2", "--model", tiny["bert"], "--output-dir",
+                              tmp_path / "run", "--max-steps", "2", "--batch-size", "4"], capsys)
+    assert code == 0, err
+    inp = tmp_path / "in.csv"
+    inp.write_text("text\nnice good film\n\"bad, bad\"\n")
+    code, out, err = run_cli(["predict", "--adapter", tmp_path / "run", "--input", inp, "--output",
+                              tmp_path / "pred.jsonl"], capsys)
+    assert code == 0, err
+    preds = [json.loads(x) for x in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    assert [p["text"] for p in preds] == ["nice good film", "bad, bad"]
+    assert all(p["prediction"] in ("bad", "good") for p in preds)
+
+
+# ---------------------------------------------------------------------------------------------- evaluate, predict, export, info
+@needs_data
+def test_evaluate_reproduces_the_test_score(trained, capsys):
+    code, out, err = run_cli(["evaluate", "--adapter", trained, "--max-eval-samples", "16"], capsys)
+    assert code == 0, err
+    metrics = json.loads(out)
+    results = json.loads((trained / "results.json").read_text())
+    assert metrics["split"] == "test" and metrics["n"] == 16
+    assert metrics["accuracy"] == pytest.approx(results["test"]["accuracy"])
+
+
+@needs_data
+def test_predict_writes_label_names(trained, tmp_path, capsys):
+    src = DATA / "superglue" / "CB" / "test.jsonl"
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(src.read_text().splitlines(keepends=True)[:5]))
+    code, out, err = run_cli(["predict", "--adapter", trained, "--input", inp, "--output", tmp_path / "o.jsonl"], capsys)
+    assert code == 0, err
+    preds = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert len(preds) == 5 and all(p["prediction"] in ("entailment", "contradiction", "neutral") for p in preds)
+    assert "premise" in preds[0]
+
+
+@needs_data
+def test_export_compiled_scores_the_same(trained, tmp_path, capsys):
+    code, _, err = run_cli(["export", "--adapter", trained, "--format", "compiled", "--output", tmp_path / "c"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "c" / "adapter_config.json").read_text())["compiled"] is True
+    _, a, _ = run_cli(["evaluate", "--adapter", trained, "--max-eval-samples", "16"], capsys)
+    _, b, _ = run_cli(["evaluate", "--adapter", tmp_path / "c", "--max-eval-samples", "16"], capsys)
+    assert json.loads(a)["accuracy"] == json.loads(b)["accuracy"]
+    # EPT has no PEFT equivalent: one clear line
+    code, _, err = run_cli(["export", "--adapter", trained, "--format", "peft", "--output", tmp_path / "p"], capsys)
+    assert code == 2 and "only prompt tuning" in err and len(err.strip().splitlines()) == 1
+
+
+@needs_data
+def test_info_shows_gate_weights_and_plots(trained, tmp_path, capsys):
+    png = tmp_path / "gates.png"
+    code, out, err = run_cli(["info", "--adapter", trained, "--plot", png], capsys)
+    assert code == 0, err
+    assert "gate weights per prompt token over 4 subspaces (initial value 0.2500 each)" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, out, _ = run_cli(["info", "--adapter", trained, "--json"], capsys)
+    info = json.loads(out)
+    weights = torch.tensor(info["gate_weights"]["weights"])
+    assert weights.shape == (4, 4) and torch.allclose(weights.sum(1), torch.ones(4), atol=1e-4)
+    assert info["gate_weights"]["max_abs_change"] > 0  # trained away from uniform
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for opt in ("--prompt-length", "--rank", "--max-length", "--num-subspaces", "--subspace-rank", "--no-fusion",
+                "--lr", "--lr-low-rank", "--batch-size", "--max-steps", "--eval-steps", "--save-steps", "--seed",
+                "--k-shot", "--resume", "--config", "--train-file", "--text-columns", "--label-column",
+                "--mixed-precision", "--gradient-accumulation-steps", "--early-stopping-patience",
+                "--max-train-samples"):
+        assert opt in out, opt
+    for cmd in ("evaluate", "predict", "export", "info"):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        assert "--adapter" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def _bad_cases(tiny, tmp, trained_dir):
+    corrupt = tmp / "corrupt"
+    if trained_dir is not None:
+        shutil.copytree(trained_dir, corrupt, ignore=shutil.ignore_patterns("checkpoints"))
+        data = (corrupt / "adapter_model.safetensors").read_bytes()
+        (corrupt / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    bad_recipe = tmp / "bad.json"
+    bad_recipe.write_text('{"task": "cb", "promt-length": 3}')
+    out = str(tmp / "o")
+    cases = {
+        "unknown task": (["train", "--task", "nosuch", "--output-dir", out], "unknown task 'nosuch'"),
+        "unknown method": (["train", "--task", "cb", "--method", "magic"], "invalid choice: 'magic'"),
+        "missing data dir": (["train", "--task", "cb", "--data-dir", tmp / "nodata", "--output-dir", out],
+                             "data directory not found"),
+        "prompt length 0": (["train", "--task", "cb", "--prompt-length", "0", "--output-dir", out],
+                            "prompt_length: must be a positive integer"),
+        "negative lr": (["train", "--task", "cb", "--lr", "-1", "--output-dir", out], "lr: must be a positive"),
+        "missing adapter": (["evaluate", "--adapter", tmp / "noadapter"], "adapter directory not found"),
+        "bad recipe key": (["train", "--config", bad_recipe], "unknown option 'promt-length'"),
+        "missing recipe": (["train", "--config", tmp / "none.json"], "recipe file not found"),
+        "missing model": (["train", "--task", "cb", "--model", tmp / "nomodel", "--data-dir", DATA,
+                           "--output-dir", out], "model path not found"),
+        "missing train file": (["train", "--train-file", tmp / "none.csv", "--output-dir", out], "file not found"),
+    }
+    if trained_dir is not None:
+        cases["other backbone"] = (["evaluate", "--adapter", trained_dir, "--model", tiny["bert48"]],
+                                   "hidden_size=32")
+        cases["corrupted adapter"] = (["evaluate", "--adapter", corrupt], "truncated or corrupted")
+        cases["missing input"] = (["predict", "--adapter", trained_dir, "--input", tmp / "none.jsonl",
+                                   "--output", tmp / "p.jsonl"], "input file not found")
+    return cases
+
+
+@needs_data
+def test_bad_input_exits_2_with_one_line(tiny, trained, tmp_path, capsys):
+    for name, (args, message) in _bad_cases(tiny, tmp_path, trained).items():
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse errors
+            code = e.code
+        out, err = capsys.readouterr()
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert code == 2, (name, err)
+        assert len(lines) == 1, (name, err)
+        assert message in lines[0], (name, lines[0])
+        assert "Traceback" not in err
+
+
+def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "eptkit.cli", "train", "--task", "cb", "--prompt-length", "0",
+                           "--output-dir", str(tmp_path)], capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["eptkit train: error: prompt_length: must be a positive integer, got 0"]
+
+
+# ---------------------------------------------------------------------------------------------- processes
+@needs_data
+def test_two_processes_with_accelerate_launch(tiny, tmp_path):
+    """DDP over 2 CPU processes (gloo). `accelerate launch --cpu` starts ONE process in accelerate 1.x
+    unless mpirun is configured, so the 2 processes come from its torchrun-based launcher."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           "-m", "eptkit.cli", *small_train_args(tiny["bert"], out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**ENV, "CUDA_VISIBLE_DEVICES": ""}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["num_processes"] == 2 and results["steps"] == 4 and results["test"] is not None
+    ckpt = sorted((out / "checkpoints").iterdir())[-1]
+    assert {"rng-0.pt", "rng-1.pt", "trainable.safetensors", "optimizer.pt"} <= {p.name for p in ckpt.iterdir()}
+
+
+@needs_data
+@pytest.mark.slow
+def test_kill_9_then_resume_matches_an_uninterrupted_run(tiny, tmp_path, capsys):
+    args = small_train_args(tiny["bert"], tmp_path / "a", steps=40)
+    args[args.index("--save-steps") + 1] = "5"
+    args[args.index("--eval-steps") + 1] = "10"
+    assert main(args) == 0
+    capsys.readouterr()
+    killed = [a if a != str(tmp_path / "a") else str(tmp_path / "b") for a in args]
+    proc = subprocess.Popen([sys.executable, "-m", "eptkit.cli", *killed], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            ckpts = list((tmp_path / "b" / "checkpoints").glob("step-*")) if (tmp_path / "b").exists() else []
+            if ckpts:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (tmp_path / "b" / "results.json").exists()
+    assert main(killed + ["--resume"]) == 0
+    a = load_file(str(tmp_path / "a" / "checkpoints" / "step-000040" / "trainable.safetensors"))
+    b = load_file(str(tmp_path / "b" / "checkpoints" / "step-000040" / "trainable.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), k
+    ra = json.loads((tmp_path / "a" / "results.json").read_text())
+    rb = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert ra["test"] == rb["test"] and ra["best_step"] == rb["best_step"]
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*/*.json")),
+                         ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_recipe_builds_valid_configs(recipe):
+    from argparse import Namespace
+
+    from eptkit.cli import build_configs, resolve_train_options
+    from eptkit.tasks.registry import get_task
+
+    options = resolve_train_options(Namespace(config=str(recipe)))
+    method_config, train_config = build_configs(options)
+    assert get_task(options["task"]).name == recipe.stem
+    assert method_config.method == options["method"] and train_config.max_steps > 0
