@@ -636,6 +636,26 @@ def plot_gate_weights(gates: dict, path, title: str = "EPT gate weights") -> Non
     plt.close(fig)
 
 
+# ============================================================================ bench
+@register_command("bench", "run a benchmark of benchmarks/ (speed or accuracy); needs a source checkout")
+def _bench_parser(parser: argparse.ArgumentParser):
+    parser.add_argument("which", choices=("speed", "accuracy"), help="benchmarks/speed.py or benchmarks/accuracy.py")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="options of that script (see its --help)")
+    return run_bench
+
+
+def run_bench(args) -> int:
+    import runpy
+
+    # The harnesses are scripts beside the package, not part of it: they import the library as users do.
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / f"{args.which}.py"
+    if not script.is_file():
+        raise UsageError(f"{script}: not found; `eptkit bench` runs from a source checkout of eptkit")
+    module = runpy.run_path(str(script))
+    module["main"](args.args)
+    return 0
+
+
 # ============================================================================ main
 register_command("train", "train an adapter (pt, dept, ept) or a baseline (lora, full, head) on a task")(_train_parser)
 

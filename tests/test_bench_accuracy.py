@@ -1,0 +1,70 @@
+"""The accuracy harness's bookkeeping: learning-rate selection, resumable CSV, report. No training here."""
+
+import csv
+import runpy
+import shlex
+from pathlib import Path
+
+import pytest
+
+from eptkit.cli import build_parser
+
+HARNESS = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"))
+
+
+def _write(path, rows):
+    for row in rows:
+        HARNESS["append_row"](path, row)
+
+
+def test_every_command_the_suite_records_parses_as_eptkit_train(tmp_path):
+    for method in HARNESS["METHOD_ARGS"]:
+        for lr in HARNESS["LR_GRID"][HARNESS["base_method"](method)]:
+            cmd = HARNESS["command_for"]("rte", method, 1, lr, 150, 50, tmp_path / "data", tmp_path / "out")
+            args = build_parser().parse_args(cmd[1:])
+            assert args.command == "train" and args.seed == 1 and args.max_steps == 150
+
+
+def test_selection_picks_best_mean_validation_over_complete_grids(tmp_path):
+    path = tmp_path / "lr_selection.csv"
+    rows = [
+        {"task": "sst2", "method": "pt", "seed": 0, "lr": "--lr 0.01", "validation": 80},
+        {"task": "cola", "method": "pt", "seed": 0, "lr": "--lr 0.01", "validation": 20},   # mean 50
+        {"task": "sst2", "method": "pt", "seed": 0, "lr": "--lr 0.1", "validation": 85},
+        {"task": "cola", "method": "pt", "seed": 0, "lr": "--lr 0.1", "validation": 10},    # mean 47.5
+        {"task": "sst2", "method": "lora", "seed": 0, "lr": "--lr-lora 0.002", "validation": 99},  # incomplete
+        {"task": "sst2", "method": "lora", "seed": 0, "lr": "--lr-lora 0.0005", "validation": 70},
+        {"task": "cola", "method": "lora", "seed": 0, "lr": "--lr-lora 0.0005", "validation": 30},
+    ]
+    _write(path, rows)
+    chosen = HARNESS["selected_lrs"](path)
+    assert chosen["pt"] == {"--lr": 0.01}
+    assert chosen["lora"] == {"--lr-lora": 0.0005}
+    assert "ept" not in chosen
+
+
+def test_report_averages_over_seeds_and_tasks(tmp_path):
+    rows = []
+    for method, scores in {"ept": {"rte": [60, 64], "cb": [70, 80]}, "pt": {"rte": [50, 50], "cb": [70]}}.items():
+        for task, values in scores.items():
+            for seed, v in enumerate(values):
+                rows.append({"task": task, "method": method, "seed": seed, "steps": 10, "trainable_params": 1000,
+                             "train_seconds": 5, "metric": "accuracy", "validation": v, "test": v, "lr": "--lr 0.1",
+                             "command": "eptkit train"})
+    _write(tmp_path / "accuracy.csv", rows)
+    HARNESS["main"](["--results-dir", str(tmp_path), "report"])
+    table = (tmp_path / "accuracy.md").read_text()
+    ept_line = next(line for line in table.splitlines() if line.startswith("| ept |"))
+    # rte mean 62 (std 2.83), cb mean 75 (std 7.07); average over tasks 68.5
+    assert "62.0 ± 2.8 (2)" in ept_line and "75.0 ± 7.1 (2)" in ept_line and "| 68.5 |" in ept_line
+    pt_line = next(line for line in table.splitlines() if line.startswith("| pt |"))
+    assert "70.0 ± 0.0 (1)" in pt_line and "| 60.0 |" in pt_line
+    assert (tmp_path / "accuracy_vs_params.png").stat().st_size > 0
+
+
+def test_rows_are_appended_not_rewritten(tmp_path):
+    path = tmp_path / "a.csv"
+    _write(path, [{"task": "rte", "method": "pt", "seed": 0}])
+    _write(path, [{"task": "rte", "method": "pt", "seed": 1}])
+    with open(path) as f:
+        assert [r["seed"] for r in csv.DictReader(f)] == ["0", "1"]
