@@ -2,10 +2,8 @@
 
 import csv
 import runpy
-import shlex
 from pathlib import Path
 
-import pytest
 
 from eptkit.cli import build_parser
 

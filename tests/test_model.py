@@ -7,7 +7,7 @@ from peft import TaskType, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertModel
 
 from eptkit import DePTConfig, EPTConfig, PromptTuningConfig, get_prompted_model
-from conftest import (VOCAB, minilm_path, tiny_bert, tiny_gpt2, tiny_llama, tiny_llama_classifier,
+from conftest import (minilm_path, tiny_bert, tiny_gpt2, tiny_llama, tiny_llama_classifier,
                       tiny_roberta, tiny_t5)
 
 L = 5

@@ -55,12 +55,13 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def _atomic_save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
-    """Write tensors atomically; return the file's SHA-256."""
+def atomic_save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Write tensors atomically; return the file's SHA-256. Tensors that share storage (tied
+    weights) are cloned, since safetensors refuses shared storage."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, tmp, metadata=metadata)
         digest = _sha256(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
@@ -116,7 +117,7 @@ def save_adapter(model: PromptedModel, directory, *, compiled: bool | None = Non
     state = model.adapter_state_dict()
     if compiled and not model.is_compiled:
         state = model.compile().adapter_state_dict()
-    digest = _atomic_save_safetensors(directory / WEIGHTS_NAME, state, {"format": "pt", "eptkit": __version__})
+    digest = atomic_save_safetensors(directory / WEIGHTS_NAME, state, {"format": "pt", "eptkit": __version__})
     config = {
         **model.config.to_dict(),
         **backbone_facts(model.backbone),
@@ -252,7 +253,7 @@ def export_peft(model: PromptedModel, directory) -> Path:
         # PEFT's seq2seq layout holds a decoder half it never prepends; fill it with a copy.
         prompt = torch.cat([prompt, prompt], dim=0)
     tensors = {"prompt_embeddings": prompt, **{f"base_model.{k}": v for k, v in state.items()}}
-    _atomic_save_safetensors(directory / WEIGHTS_NAME, tensors, {"format": "pt"})
+    atomic_save_safetensors(directory / WEIGHTS_NAME, tensors, {"format": "pt"})
     config = {
         "peft_type": "PROMPT_TUNING",
         "task_type": _PEFT_TASK_TYPES[model.task_type],

@@ -28,31 +28,20 @@ Three wrappers provide it:
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from . import __version__
-from .adapters import atomic_write_json
-from .model import HEAD_NAMES, detect_task_type
+from .adapters import atomic_save_safetensors, atomic_write_json
+from .model import HEAD_NAMES, apply_head, classification_loss, detect_task_type
 
 PROMPT_METHODS = ("pt", "dept", "ept")
 BASELINE_METHODS = ("lora", "full", "head")
 METHODS = PROMPT_METHODS + BASELINE_METHODS
 BASELINE_CONFIG_NAME = "eptkit_baseline.json"
-
-
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """safetensors, atomically; tied/shared tensors are cloned (safetensors refuses shared storage)."""
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
 
 
 class _Wrapper(nn.Module):
@@ -90,6 +79,11 @@ class _Wrapper(nn.Module):
             {"method": self.method, "task_type": self.task_type, "eptkit_version": __version__, **extra},
         )
 
+    def forward(self, input_ids=None, attention_mask=None, labels=None, token_type_ids=None, **kwargs):
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, **kwargs):
         if self.task_type == "classification":
@@ -125,11 +119,6 @@ class LoRAModel(_Wrapper):
                 (lora if "lora_" in name else head).append(p)
         return {k: v for k, v in {"lora": lora, "head": head}.items() if v}
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, token_type_ids=None, **kwargs):
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
-        return self.inner(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-
     def save_pretrained(self, directory) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -150,15 +139,10 @@ class FullFineTuneModel(_Wrapper):
     def param_groups(self):
         return {"full": [p for p in self.inner.parameters() if p.requires_grad]}
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, token_type_ids=None, **kwargs):
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
-        return self.inner(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-
     def save_pretrained(self, directory) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        _save_tensors(directory / "model.safetensors", self.adapter_state_dict())
+        atomic_save_safetensors(directory / "model.safetensors", self.adapter_state_dict())
         self._write_info(directory, backbone=getattr(self.inner.config, "_name_or_path", None))
 
 
@@ -196,24 +180,14 @@ class HeadOnlyModel(_Wrapper):
         hidden = self.inner.base_model(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
         weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
-        head = self.head
-        if isinstance(head, nn.Linear):
-            dropout = getattr(self.inner, "dropout", None)
-            logits = head(dropout(pooled) if isinstance(dropout, nn.Dropout) else pooled)
-        else:  # heads reading a sequence's first position (RoBERTa-style)
-            logits = head(pooled.unsqueeze(1))
-        loss = None
-        if labels is not None:
-            if logits.shape[-1] == 1:
-                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
-            else:
-                loss = F.cross_entropy(logits.float(), labels.long())
+        logits = apply_head(self.inner, self.head, pooled)
+        loss = None if labels is None else classification_loss(self.inner.config, logits, labels)
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
     def save_pretrained(self, directory) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        _save_tensors(directory / "model.safetensors", {f"{self.head_name}.{k}": v for k, v in self.head.state_dict().items()})
+        atomic_save_safetensors(directory / "model.safetensors", {f"{self.head_name}.{k}": v for k, v in self.head.state_dict().items()})
         self._write_info(directory, head_name=self.head_name, pooling="mean")
 
 

@@ -76,6 +76,32 @@ def _check_positions(model: nn.Module, config: PromptTuningConfig) -> None:
         )
 
 
+def apply_head(backbone: nn.Module, head: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
+    """Logits of a classification head on pooled vectors (batch x d), for the poolings we compute."""
+    if isinstance(head, nn.Linear):
+        dropout = getattr(backbone, "dropout", None)
+        return head(dropout(pooled) if isinstance(dropout, nn.Dropout) else pooled)
+    # Heads that read a sequence's first position (RoBERTa's, DeBERTa's pooler + classifier).
+    sequence = pooled.unsqueeze(1)
+    pooler = getattr(backbone, "pooler", None)
+    if pooler is not None and backbone.base_model is not backbone and pooler is not getattr(
+        backbone.base_model, "pooler", None
+    ):
+        sequence = pooler(sequence).unsqueeze(1)
+    return head(sequence)
+
+
+def classification_loss(config, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The loss transformers' classifiers use, chosen the same way from `config.problem_type`."""
+    num_labels = logits.shape[-1]
+    problem = getattr(config, "problem_type", None)
+    if problem == "regression" or (problem is None and num_labels == 1):
+        return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+    if problem == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+    return F.cross_entropy(logits.float(), labels.long())
+
+
 class CompiledPrompt(nn.Module):
     """A trained adapter's prompt side frozen into constants: (P_out, D) as buffers (SPEC 1.3)."""
 
@@ -330,32 +356,9 @@ class PromptedModel(nn.Module):
         else:  # backbone pooling of a decoder classifier: the last real token, as HF's head does
             last = mask.shape[1] - 1 - mask.long().flip(1).argmax(dim=1)
             pooled = hidden[torch.arange(len(last)), last]
-        logits = self._apply_head(pooled)
-        loss = None if labels is None else self._classification_loss(logits, labels)
+        logits = apply_head(self.backbone, self.heads[self.active_adapter], pooled)
+        loss = None if labels is None else classification_loss(self.backbone.config, logits, labels)
         return SequenceClassifierOutput(loss=loss, logits=logits)
-
-    def _apply_head(self, pooled: torch.Tensor) -> torch.Tensor:
-        head = self.heads[self.active_adapter]
-        if isinstance(head, nn.Linear):
-            dropout = getattr(self.backbone, "dropout", None)
-            return head(dropout(pooled) if isinstance(dropout, nn.Dropout) else pooled)
-        # Heads that read a sequence's first position (RoBERTa's, DeBERTa's pooler + classifier).
-        sequence = pooled.unsqueeze(1)
-        pooler = getattr(self.backbone, "pooler", None)
-        if pooler is not None and self.backbone.base_model is not self.backbone and pooler is not getattr(
-            self.backbone.base_model, "pooler", None
-        ):
-            sequence = pooler(sequence).unsqueeze(1)
-        return head(sequence)
-
-    def _classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        num_labels = logits.shape[-1]
-        problem = getattr(self.backbone.config, "problem_type", None)
-        if problem == "regression" or (problem is None and num_labels == 1):
-            return F.mse_loss(logits.squeeze(-1).float(), labels.float())
-        if problem == "multi_label_classification":
-            return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
-        return F.cross_entropy(logits.float(), labels.long())
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
