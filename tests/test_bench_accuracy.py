@@ -25,19 +25,24 @@ def test_every_command_the_suite_records_parses_as_eptkit_train(tmp_path):
 
 def test_selection_picks_best_mean_validation_over_complete_grids(tmp_path):
     path = tmp_path / "lr_selection.csv"
+    key = HARNESS["lr_key"]
+    pt_low, pt_high = (key(lr) for lr in HARNESS["LR_GRID"]["pt"])
+    lora_a, lora_b = (key(lr) for lr in HARNESS["LR_GRID"]["lora"])
     rows = [
-        {"task": "sst2", "method": "pt", "seed": 0, "lr": "--lr 0.01", "validation": 80},
-        {"task": "cola", "method": "pt", "seed": 0, "lr": "--lr 0.01", "validation": 20},   # mean 50
-        {"task": "sst2", "method": "pt", "seed": 0, "lr": "--lr 0.1", "validation": 85},
-        {"task": "cola", "method": "pt", "seed": 0, "lr": "--lr 0.1", "validation": 10},    # mean 47.5
-        {"task": "sst2", "method": "lora", "seed": 0, "lr": "--lr-lora 0.002", "validation": 99},  # incomplete
-        {"task": "sst2", "method": "lora", "seed": 0, "lr": "--lr-lora 0.0005", "validation": 70},
-        {"task": "cola", "method": "lora", "seed": 0, "lr": "--lr-lora 0.0005", "validation": 30},
+        {"task": "sst2", "method": "pt", "lr": pt_low, "validation": 80},
+        {"task": "cola", "method": "pt", "lr": pt_low, "validation": 20},    # mean 50
+        {"task": "sst2", "method": "pt", "lr": pt_high, "validation": 85},
+        {"task": "cola", "method": "pt", "lr": pt_high, "validation": 10},   # mean 47.5
+        {"task": "sst2", "method": "pt", "lr": "--lr 0.5", "validation": 99},  # not in the grid: history only
+        {"task": "cola", "method": "pt", "lr": "--lr 0.5", "validation": 99},
+        {"task": "sst2", "method": "lora", "lr": lora_b, "validation": 99},   # incomplete: one task only
+        {"task": "sst2", "method": "lora", "lr": lora_a, "validation": 70},
+        {"task": "cola", "method": "lora", "lr": lora_a, "validation": 30},
     ]
     _write(path, rows)
     chosen = HARNESS["selected_lrs"](path)
-    assert chosen["pt"] == {"--lr": 0.01}
-    assert chosen["lora"] == {"--lr-lora": 0.0005}
+    assert key(chosen["pt"]) == pt_low
+    assert key(chosen["lora"]) == lora_a
     assert "ept" not in chosen
 
 
