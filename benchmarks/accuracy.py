@@ -169,6 +169,8 @@ def run_phase(phase, args) -> None:
         return
     chosen = selected_lrs(select_csv)
     done = {(r["task"], r["method"], r["seed"]) for r in read_rows(final_csv)}
+    # A selection run is the same command as the final run of its seed: reuse it instead of rerunning.
+    reusable = {(r["task"], r["method"], r["seed"], r["lr"]): r for r in read_rows(select_csv)}
     # Seed-major order: a partial run gives every task and method one seed before any gets a second.
     for seed in args.seeds:
         for task in args.tasks:
@@ -179,7 +181,8 @@ def run_phase(phase, args) -> None:
                 if lr is None:
                     print(f"[accuracy] skip {method}: no learning rate selected yet (run --phase select)")
                     continue
-                append_row(final_csv, run_cell(task, method, seed, lr, args))
+                previous = reusable.get((task, method, str(seed), lr_key(lr)))
+                append_row(final_csv, previous or run_cell(task, method, seed, lr, args))
 
 
 # ---------------------------------------------------------------------------- report
