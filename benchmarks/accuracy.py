@@ -9,6 +9,7 @@ Protocol (see benchmarks/README.md, "Accuracy"):
 2. final: every task x method x seed runs with the selected learning rates; the best checkpoint
    on validation is scored on the test split (the literature's split protocol, SPEC 4).
 3. ablation: EPT without fusion, without projection, and with 1/2/4/8 subspaces.
+4. tune (optional): EPT's module learning rate, on validation only (ept_tuning.csv).
 Every run is one `eptkit train ...` command (recorded in the CSV's `command` column) in a fresh
 process. Finished cells are skipped, so the suite resumes across sessions.
 """
@@ -67,6 +68,12 @@ LR_GRID = {
     "lora": [{"--lr-lora": 5e-4, **HEAD_LR}, {"--lr-lora": 2e-3, **HEAD_LR}],
     "full": [{"--lr-full": 2e-5}, {"--lr-full": 1e-4}],
 }
+
+
+# EPT's own modules (fusion, projection, gate) train at --lr-ept (default: the low-rank rate, 1e-3).
+# At that rate the subspace gate moved at most 0.03 from its initial 1/N in 150 steps, so the
+# "tune" phase asks, on validation only, whether a higher rate for them helps.
+EPT_TUNING = [{**LR_GRID["ept"][0], "--lr-ept": 1e-2}, {**LR_GRID["ept"][0], "--lr-ept": 1e-1}]
 
 
 def lr_key(lr: dict) -> str:
@@ -167,6 +174,14 @@ def run_phase(phase, args) -> None:
                         continue
                     append_row(select_csv, run_cell(task, method, 0, lr, args))
         return
+    if phase == "tune":
+        tune_csv = args.results_dir / "ept_tuning.csv"
+        done = {(r["task"], r["lr"]) for r in read_rows(tune_csv)}
+        for lr in EPT_TUNING:
+            for task in args.select_tasks:
+                if (task, lr_key(lr)) not in done:
+                    append_row(tune_csv, run_cell(task, "ept", 0, lr, args))
+        return
     chosen = selected_lrs(select_csv)
     done = {(r["task"], r["method"], r["seed"]) for r in read_rows(final_csv)}
     # A selection run is the same command as the final run of its seed: reuse it instead of rerunning.
@@ -261,7 +276,8 @@ def main(argv=None) -> None:
     parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where the CSVs, table and plots live")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run (or resume) the suite")
-    run.add_argument("--phase", choices=("select", "final", "ablation", "all"), default="all")
+    run.add_argument("--phase", choices=("select", "final", "ablation", "tune", "all"), default="all",
+                     help="tune: EPT's module learning rate on the selection tasks' validation split (seed 0)")
     run.add_argument("--tasks", type=lambda s: s.split(","), default=list(TASKS))
     run.add_argument("--select-tasks", type=lambda s: s.split(","), default=list(SELECT_TASKS))
     run.add_argument("--methods", type=lambda s: s.split(","), default=None)
