@@ -241,7 +241,8 @@ def report(args) -> None:
     chosen = selected_lrs(results_dir / "lr_selection.csv")
     text = (f"Test scores (task's main metric, 0-100): mean ± std over seeds (number of seeds).\n\n{table}\n\n"
             f"Selected learning rates: " + "; ".join(f"{m}: `{lr_key(v)}`" for m, v in chosen.items())
-            + "\n\nLearning-rate selection (seed 0, validation split):\n\n" + "\n".join(sel_lines) + "\n")
+            + "\n\nLearning-rate selection (seed 0, validation split; rows of earlier grids are history, "
+            "not selected from):\n\n" + "\n".join(sel_lines) + "\n")
     (results_dir / "accuracy.md").write_text(text)
     print(text)
     _plots(summary, results_dir)
