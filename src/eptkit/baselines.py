@@ -36,7 +36,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from . import __version__
 from .adapters import atomic_save_safetensors, atomic_write_json
-from .model import HEAD_NAMES, apply_head, classification_loss, detect_task_type
+from .model import apply_head, classification_loss, detect_task_type, find_head_name, mean_pool
 
 PROMPT_METHODS = ("pt", "dept", "ept")
 BASELINE_METHODS = ("lora", "full", "head")
@@ -159,9 +159,7 @@ class HeadOnlyModel(_Wrapper):
         self.inner = model
         for p in model.parameters():
             p.requires_grad_(False)
-        self.head_name = next((n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)), None)
-        if self.head_name is None:
-            raise TypeError(f"{type(model).__name__}: no classification head named one of {HEAD_NAMES}")
+        self.head_name = find_head_name(model)
         head = copy.deepcopy(getattr(model, self.head_name))
         head.requires_grad_(True)
         setattr(model, self.head_name, head)
@@ -178,8 +176,7 @@ class HeadOnlyModel(_Wrapper):
             attention_mask = torch.ones_like(input_ids)
         extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         hidden = self.inner.base_model(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
-        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+        pooled = mean_pool(hidden, attention_mask)
         logits = apply_head(self.inner, self.head, pooled)
         loss = None if labels is None else classification_loss(self.inner.config, logits, labels)
         return SequenceClassifierOutput(loss=loss, logits=logits)

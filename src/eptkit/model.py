@@ -76,6 +76,20 @@ def _check_positions(model: nn.Module, config: PromptTuningConfig) -> None:
         )
 
 
+def find_head_name(model: nn.Module) -> str:
+    """The attribute holding a sequence classifier's head ('classifier' or 'score')."""
+    name = next((n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)), None)
+    if name is None:
+        raise TypeError(f"{type(model).__name__}: no classification head named one of {HEAD_NAMES}")
+    return name
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of hidden states (batch x n x d) over the positions where mask (batch x n) is 1."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
 def apply_head(backbone: nn.Module, head: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
     """Logits of a classification head on pooled vectors (batch x d), for the poolings we compute."""
     if isinstance(head, nn.Linear):
@@ -139,9 +153,7 @@ class PromptedModel(nn.Module):
         self.heads = nn.ModuleDict()
         self.head_name = None
         if self.task_type == "classification":
-            self.head_name = next((n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)), None)
-            if self.head_name is None:
-                raise TypeError(f"{type(model).__name__}: no classification head named one of {HEAD_NAMES}")
+            self.head_name = find_head_name(model)
             # Each adapter trains its own copy of the head (as PEFT's modules_to_save does); the
             # pretrained head stays untouched, remembered on the backbone (outside the module tree)
             # so that wrapping the same backbone again starts from it, not from a trained copy.
@@ -344,12 +356,9 @@ class PromptedModel(nn.Module):
         if hasattr(self.backbone, "score"):
             model_kwargs["position_ids"] = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
         hidden = base(inputs_embeds=inputs_embeds, attention_mask=mask, **model_kwargs).last_hidden_state
-        text_hidden, text_mask = hidden[:, n_prompt:], attention_mask if attention_mask is not None else None
-        if text_mask is None:
-            text_mask = torch.ones_like(input_ids)
+        text_hidden, text_mask = hidden[:, n_prompt:], mask[:, n_prompt:]
         if self.pooling == "mean":
-            weights = text_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (text_hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+            pooled = mean_pool(text_hidden, text_mask)
         elif self.pooling == "text_first":
             first = text_mask.long().argmax(dim=1)  # first real token: left or right padding alike
             pooled = text_hidden[torch.arange(len(first)), first]
