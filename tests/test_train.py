@@ -125,7 +125,7 @@ def test_batch_plan_is_deterministic_and_sharded():
 
 
 # ---------------------------------------------------------------------------------------------- every method
-@pytest.mark.parametrize("method", ["pt", "dept", "ept", "lora", "full", "head"])
+@pytest.mark.parametrize("method", ["pt", "dept", "ept", "lora", "ptuning", "full", "head"])
 def test_train_every_method_on_a_classifier(tiny_models, tmp_path, method):
     model, tok = make_model(tiny_models["bert"], method)
     trainable_before = {k: v.clone() for k, v in model.adapter_state_dict().items()}
@@ -155,6 +155,8 @@ def test_train_every_method_on_a_classifier(tiny_models, tmp_path, method):
             assert torch.equal(v, best[k])
     elif method == "lora":
         assert (tmp_path / "adapter_model.safetensors").is_file() and set(model.param_groups()) == {"lora", "head"}
+    elif method == "ptuning":
+        assert (tmp_path / "adapter_model.safetensors").is_file() and set(model.param_groups()) == {"prompt", "head"}
     else:
         assert (tmp_path / "model.safetensors").is_file()
 
@@ -170,7 +172,8 @@ def test_lr_groups_follow_the_schedule(tiny_models, tmp_path):
     assert log[3]["lr"]["prompt"] == pytest.approx(0.1)  # linear decay to 0 at max_steps
 
 
-@pytest.mark.parametrize("kind,method", [("t5", "ept"), ("gpt2", "pt"), ("t5", "lora")])
+@pytest.mark.parametrize("kind,method", [("t5", "ept"), ("gpt2", "pt"), ("t5", "lora"), ("gpt2", "prefix"),
+                                         ("gpt2", "ptuning")])
 def test_train_text_to_text_evaluates_by_generation(tiny_models, tmp_path, kind, method):
     task_type = "seq2seq" if kind == "t5" else "causal"
     model, tok = make_model(tiny_models[kind], method, task_type)

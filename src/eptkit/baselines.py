@@ -11,13 +11,17 @@ The training loop (`eptkit.train`) only needs, from any model it trains:
     adapter_state_dict() / load_adapter_state_dict(state)   the trainable tensors (checkpoints)
     save_pretrained(directory)
 
-Three wrappers provide it:
+Four wrappers provide it:
 
 - `LoRAModel`: LoRA through PEFT (`peft.get_peft_model`), r=8 on BERT's query/value (PEFT's defaults
   elsewhere); for sequence classification PEFT's `modules_to_save` trains the classifier head.
   Groups: `lora`, `head`. Saved with PEFT's own `save_pretrained` (loadable by `PeftModel`).
 - `FullFineTuneModel`: every weight trainable, one group `full`. Saved as `model.safetensors` of
   the whole state plus `eptkit_baseline.json`.
+- `PeftPromptModel`: PEFT's P-tuning (`ptuning`: virtual tokens produced by an MLP prompt encoder) and
+  prefix tuning (`prefix`: trained key/value prefixes in every layer), extra comparison rows from the
+  paper's table. PEFT's own pipeline end to end, including its pooling (the backbone's, e.g. BERT's
+  [CLS] pooler), so these rows measure PEFT as users get it. Groups: `prompt`, `head`.
 - `HeadOnlyModel`: a linear probe. The encoder is frozen and *mean-pooled over the text tokens* (the
   pooling the prompt methods use by default on encoders, SPEC 2), then the backbone's own
   classifier (a trainable copy, as for the prompt methods). Group `head`. Classification only.
@@ -28,6 +32,7 @@ Three wrappers provide it:
 from __future__ import annotations
 
 import copy
+import inspect
 from pathlib import Path
 
 import torch
@@ -38,9 +43,8 @@ from . import __version__
 from .adapters import atomic_save_safetensors, atomic_write_json
 from .model import apply_head, classification_loss, detect_task_type, find_head_name, mean_pool
 
-PROMPT_METHODS = ("pt", "dept", "ept")
-BASELINE_METHODS = ("lora", "full", "head")
-METHODS = PROMPT_METHODS + BASELINE_METHODS
+from .config import METHODS, PROMPT_METHODS
+
 BASELINE_CONFIG_NAME = "eptkit_baseline.json"
 
 
@@ -126,6 +130,62 @@ class LoRAModel(_Wrapper):
         self._write_info(directory)
 
 
+class PeftPromptModel(_Wrapper):
+    """PEFT's P-tuning (`method="ptuning"`) or prefix tuning (`method="prefix"`)."""
+
+    def __init__(self, model: nn.Module, method: str, num_virtual_tokens: int = 20, encoder_hidden_size: int = 128):
+        super().__init__()
+        from peft import PrefixTuningConfig, PromptEncoderConfig, TaskType, get_peft_model
+
+        if method not in ("ptuning", "prefix"):
+            raise ValueError(f"method: expected 'ptuning' or 'prefix', got {method!r}")
+        if isinstance(num_virtual_tokens, bool) or not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
+            raise ValueError(f"prompt_length: must be a positive integer, got {num_virtual_tokens!r}")
+        self.method = method
+        self.task_type = detect_task_type(model)
+        if method == "prefix" and self.task_type == "classification":
+            # PEFT hands the prefixes to the backbone as `past_key_values`; encoder classifiers in
+            # transformers 5 (BERT, RoBERTa, ...) no longer take that argument, and PEFT would only
+            # fail at the first forward, deep inside. Say it here, by name.
+            if not _accepts_past_key_values(model):
+                raise TypeError(f"method 'prefix': {type(model).__name__} does not accept past_key_values, which "
+                                "PEFT's prefix tuning needs; use a seq2seq or causal backbone, or --method ptuning")
+        cfg = model.config
+        if method == "prefix" and getattr(cfg, "d_kv", None) and cfg.d_kv * cfg.num_heads != cfg.d_model:
+            # PEFT splits each prefix vector of width d_model into num_heads heads; T5 variants whose
+            # attention width differs would fail in the first forward with a shape error.
+            raise TypeError(f"method 'prefix': PEFT's prefix tuning needs num_heads * d_kv == d_model, got "
+                            f"{cfg.num_heads} * {cfg.d_kv} != {cfg.d_model}")
+        peft_task = {"classification": TaskType.SEQ_CLS, "seq2seq": TaskType.SEQ_2_SEQ_LM, "causal": TaskType.CAUSAL_LM}
+        if method == "ptuning":
+            config = PromptEncoderConfig(task_type=peft_task[self.task_type], num_virtual_tokens=num_virtual_tokens,
+                                         encoder_hidden_size=encoder_hidden_size)
+        else:
+            config = PrefixTuningConfig(task_type=peft_task[self.task_type], num_virtual_tokens=num_virtual_tokens)
+        self.inner = get_peft_model(model, config)
+
+    def param_groups(self):
+        prompt, head = [], []
+        for name, p in self.inner.named_parameters():
+            if p.requires_grad:
+                (prompt if name.startswith("prompt_encoder.") else head).append(p)
+        return {k: v for k, v in {"prompt": prompt, "head": head}.items() if v}
+
+    def save_pretrained(self, directory) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.inner.save_pretrained(str(directory))
+        self._write_info(directory)
+
+
+def _accepts_past_key_values(model: nn.Module) -> bool:
+    forwards = [model.forward]
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if base is not None:
+        forwards.append(base.forward)
+    return any("past_key_values" in inspect.signature(f).parameters for f in forwards)
+
+
 class FullFineTuneModel(_Wrapper):
     method = "full"
 
@@ -188,8 +248,10 @@ class HeadOnlyModel(_Wrapper):
         self._write_info(directory, head_name=self.head_name, pooling="mean")
 
 
-def build_model(model: nn.Module, method: str, method_config=None, *, tokenizer=None, lora_r: int = 8):
-    """Wrap a loaded backbone for `method` (one of METHODS). Prompt methods need `method_config`."""
+def build_model(model: nn.Module, method: str, method_config=None, *, tokenizer=None, lora_r: int = 8,
+                num_virtual_tokens: int = 20):
+    """Wrap a loaded backbone for `method` (one of METHODS). Prompt methods need `method_config`;
+    `num_virtual_tokens` is for PEFT's P-tuning and prefix tuning."""
     if method in PROMPT_METHODS:
         from .model import get_prompted_model
 
@@ -198,6 +260,8 @@ def build_model(model: nn.Module, method: str, method_config=None, *, tokenizer=
         return get_prompted_model(model, method_config, tokenizer=tokenizer)
     if method == "lora":
         return LoRAModel(model, r=lora_r)
+    if method in ("ptuning", "prefix"):
+        return PeftPromptModel(model, method, num_virtual_tokens=num_virtual_tokens)
     if method == "full":
         return FullFineTuneModel(model)
     if method == "head":

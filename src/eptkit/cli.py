@@ -30,8 +30,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from .config import METHODS, PEFT_PROMPT_METHODS
+
 PROG = "eptkit"
-METHODS = ("pt", "dept", "ept", "lora", "full", "head")
 TASK_TYPES = ("auto", "classification", "seq2seq", "causal")
 
 
@@ -207,7 +208,9 @@ def build_configs(options: dict[str, Any]):
         if "max_length" in names:
             train_kwargs.setdefault("max_length", method_config.max_length)
     else:
-        given = [k for k in _METHOD_FIELDS if k in options and k != "max_length"]
+        # PEFT's P-tuning and prefix tuning take a number of virtual tokens (--prompt-length).
+        allowed = {"max_length", "prompt_length"} if method in PEFT_PROMPT_METHODS else {"max_length"}
+        given = [k for k in _METHOD_FIELDS if k in options and k not in allowed]
         if given:
             raise UsageError(f"method {method!r} takes no prompt option(s) {', '.join(_opt(n) for n in given)}")
     if "max_length" in options:
@@ -303,7 +306,7 @@ def run_train(args: argparse.Namespace) -> int:
     backbone, tokenizer = load_backbone(model_path, task_type, spec)
     try:
         model = build_model(backbone, options["method"], method_config, tokenizer=tokenizer,
-                            lora_r=options.get("lora_r") or 8)
+                            lora_r=options.get("lora_r") or 8, num_virtual_tokens=options.get("prompt_length") or 20)
     except TypeError as e:  # an unsupported model class
         raise UsageError(str(e)) from None
     run_info = {"backbone": model_path, "tokenizer": model_path, "task_type": task_type,

@@ -127,6 +127,12 @@ class EPTConfig(DePTConfig):
 CONFIG_CLASSES: dict[str, type[PromptTuningConfig]] = {
     c.method: c for c in (PromptTuningConfig, DePTConfig, EPTConfig)
 }
+# Every method `eptkit train` knows: eptkit's prompt methods (configured by the classes above), then
+# the comparison methods of `eptkit.baselines` (LoRA, PEFT's P-tuning and prefix tuning, full
+# fine-tuning, linear probe).
+PROMPT_METHODS = tuple(CONFIG_CLASSES)
+PEFT_PROMPT_METHODS = ("ptuning", "prefix")
+METHODS = PROMPT_METHODS + ("lora",) + PEFT_PROMPT_METHODS + ("full", "head")
 
 
 def _check_positive_int(config, name: str) -> None:
