@@ -13,12 +13,12 @@ from eptkit.baselines import PeftPromptModel, build_model
 
 
 def test_ptuning_parameter_count_and_groups():
-    # P-tuning: l virtual-token embeddings (l x d), then an MLP d -> h -> h -> d with biases; the
+    # P-tuning: n virtual-token embeddings (n x d), then an MLP d -> h -> h -> d with biases; the
     # classifier copy (d x labels + labels) trains too.
-    l, h, d, labels = 5, 16, HIDDEN, 3
-    model = PeftPromptModel(tiny_bert(num_labels=labels), "ptuning", num_virtual_tokens=l, encoder_hidden_size=h)
+    n, h, d, labels = 5, 16, HIDDEN, 3
+    model = PeftPromptModel(tiny_bert(num_labels=labels), "ptuning", num_virtual_tokens=n, encoder_hidden_size=h)
     groups = model.param_groups()
-    assert sum(p.numel() for p in groups["prompt"]) == l * d + (d * h + h) + (h * h + h) + (h * d + d)
+    assert sum(p.numel() for p in groups["prompt"]) == n * d + (d * h + h) + (h * h + h) + (h * d + d)
     assert sum(p.numel() for p in groups["head"]) == d * labels + labels
     assert model.num_parameters() == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -27,9 +27,9 @@ def test_ptuning_parameter_count_and_groups():
 def test_prefix_parameter_count(factory, layers):
     # Prefix tuning (no reparametrisation): a key and a value vector of width d per virtual token and
     # layer; PEFT sizes it by the config's number of layers (for T5: num_layers, not the decoder's too).
-    l = 4
-    model = PeftPromptModel(factory(), "prefix", num_virtual_tokens=l)
-    assert model.num_parameters() == l * layers * 2 * HIDDEN
+    n = 4
+    model = PeftPromptModel(factory(), "prefix", num_virtual_tokens=n)
+    assert model.num_parameters() == n * layers * 2 * HIDDEN
     assert set(model.param_groups()) == {"prompt"}
 
 

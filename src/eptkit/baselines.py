@@ -41,9 +41,8 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from . import __version__
 from .adapters import atomic_save_safetensors, atomic_write_json
-from .model import apply_head, classification_loss, detect_task_type, find_head_name, mean_pool
-
 from .config import METHODS, PROMPT_METHODS
+from .model import apply_head, classification_loss, detect_task_type, find_head_name, mean_pool
 
 BASELINE_CONFIG_NAME = "eptkit_baseline.json"
 
