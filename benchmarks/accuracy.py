@@ -24,7 +24,9 @@ import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,32 +172,46 @@ def selected_lrs(select_csv: Path) -> dict[str, dict]:
     return best
 
 
+def run_cells(cells, csv_path: Path, args) -> None:
+    """Run (task, method, seed, lr) cells, `args.jobs` at a time (each its own `eptkit train` process);
+    every finished row is appended at once, so an interrupted suite keeps what it finished."""
+    if args.jobs <= 1:
+        for cell in cells:
+            append_row(csv_path, run_cell(*cell, args))
+        return
+    lock = threading.Lock()
+
+    def one(cell):
+        row = run_cell(*cell, args)
+        with lock:
+            append_row(csv_path, row)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for future in [pool.submit(one, cell) for cell in cells]:
+            future.result()  # re-raise the first failure (the other cells still finish and are kept)
+
+
 def run_phase(phase, args) -> None:
     args.results_dir.mkdir(parents=True, exist_ok=True)
     select_csv, final_csv = args.results_dir / "lr_selection.csv", args.results_dir / "accuracy.csv"
     methods = args.methods or (MAIN_METHODS + EXTRA_METHODS if phase != "ablation" else ABLATIONS)
     if phase == "select":
         done = {(r["task"], r["method"], r["lr"]) for r in read_rows(select_csv)}
-        for method in methods:
-            for lr in LR_GRID[method]:
-                for task in args.select_tasks:
-                    if (task, method, lr_key(lr)) in done:
-                        continue
-                    append_row(select_csv, run_cell(task, method, 0, lr, args))
-        return
+        cells = [(task, method, 0, lr) for method in methods for lr in LR_GRID[method] for task in args.select_tasks
+                 if (task, method, lr_key(lr)) not in done]
+        return run_cells(cells, select_csv, args)
     if phase == "tune":
         tune_csv = args.results_dir / "ept_tuning.csv"
         done = {(r["task"], r["lr"]) for r in read_rows(tune_csv)}
-        for lr in EPT_TUNING:
-            for task in args.select_tasks:
-                if (task, lr_key(lr)) not in done:
-                    append_row(tune_csv, run_cell(task, "ept", 0, lr, args))
-        return
+        cells = [(task, "ept", 0, lr) for lr in EPT_TUNING for task in args.select_tasks
+                 if (task, lr_key(lr)) not in done]
+        return run_cells(cells, tune_csv, args)
     chosen = selected_lrs(select_csv)
     done = {(r["task"], r["method"], r["seed"]) for r in read_rows(final_csv)}
     # A selection run is the same command as the final run of its seed: reuse it instead of rerunning.
     reusable = {(r["task"], r["method"], r["seed"], r["lr"]): r for r in read_rows(select_csv)}
     # Seed-major order: a partial run gives every task and method one seed before any gets a second.
+    cells = []
     for seed in args.seeds:
         for task in args.tasks:
             for method in methods:
@@ -206,7 +222,11 @@ def run_phase(phase, args) -> None:
                     print(f"[accuracy] skip {method}: no learning rate selected yet (run --phase select)")
                     continue
                 previous = reusable.get((task, method, str(seed), lr_key(lr)))
-                append_row(final_csv, previous or run_cell(task, method, seed, lr, args))
+                if previous:
+                    append_row(final_csv, previous)
+                else:
+                    cells.append((task, method, seed, lr))
+    run_cells(cells, final_csv, args)
 
 
 # ---------------------------------------------------------------------------- report
@@ -296,7 +316,9 @@ def main(argv=None) -> None:
     run.add_argument("--eval-steps", type=int, default=50, help="validate (and keep the best adapter) this often")
     run.add_argument("--data-dir", type=Path, default=Path(os.environ.get("EPTKIT_DATA_DIR", ROOT.parent / "shared" / "data")))
     run.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "accuracy")
-    run.add_argument("--threads", type=int, default=2)
+    run.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    run.add_argument("--jobs", type=int, default=1,
+                     help="runs at a time (separate processes; e.g. --jobs 2 --threads 1 on 2 cores, or 8 on one GPU)")
     sub.add_parser("report", help="write accuracy.md and the plots from the CSVs")
     args = parser.parse_args(argv)
     if args.command == "report":

@@ -71,3 +71,31 @@ def test_rows_are_appended_not_rewritten(tmp_path):
     _write(path, [{"task": "rte", "method": "pt", "seed": 1}])
     with open(path) as f:
         assert [r["seed"] for r in csv.DictReader(f)] == ["0", "1"]
+
+
+def test_final_phase_runs_each_missing_cell_once_in_parallel_and_reuses_selection_runs(tmp_path, monkeypatch):
+    key = HARNESS["lr_key"]
+    chosen = {m: grid[0] for m, grid in HARNESS["LR_GRID"].items()}
+
+    def row(task, method, seed, lr):
+        return {"task": task, "method": method, "seed": seed, "steps": 10, "trainable_params": 1, "train_seconds": 1,
+                "metric": "accuracy", "validation": 1, "test": 1, "lr": key(lr), "command": "eptkit train"}
+
+    _write(tmp_path / "lr_selection.csv", [row("sst2", m, 0, lr) for m, lr in chosen.items()])
+    _write(tmp_path / "accuracy.csv", [row("rte", "pt", 1, chosen["pt"])])  # finished in an earlier session
+    calls = []
+
+    def fake_run_cell(task, method, seed, lr, opts):
+        calls.append((task, method, seed))
+        return row(task, method, seed, lr)
+
+    monkeypatch.setitem(HARNESS["run_phase"].__globals__, "run_cell", fake_run_cell)
+    HARNESS["main"](["--results-dir", str(tmp_path), "run", "--phase", "final", "--tasks", "sst2,rte",
+                     "--methods", "pt,ept", "--seeds", "0,1", "--jobs", "3"])
+    with open(tmp_path / "accuracy.csv") as f:
+        cells = sorted((r["task"], r["method"], r["seed"]) for r in csv.DictReader(f))
+    expected = sorted((t, m, str(s)) for t in ("sst2", "rte") for m in ("pt", "ept") for s in (0, 1))
+    assert cells == expected  # every cell exactly once
+    # sst2 seed 0 comes from the selection runs and rte/pt/1 was done: 8 cells - 2 reused - 1 done are run.
+    ran = sorted((t, m, str(s)) for t, m, s in calls)
+    assert ran == sorted(set(expected) - {("sst2", "pt", "0"), ("sst2", "ept", "0"), ("rte", "pt", "1")})

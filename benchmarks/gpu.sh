@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# One-shot GPU speed benchmark at the paper's setting: a T5-base-shaped model (random weights, no
-# download), batch 32, source length 256, target length 3, PT l=100 vs DePT/EPT m=60 r=30.
+# One-shot GPU benchmarks, in one call:
+# 1. speed at the paper's setting: a T5-base-shaped model (random weights, no download), batch 32,
+#    source length 256, target length 3, PT l=100 vs DePT/EPT m=60 r=30, fp32 and bf16;
+# 2. if DATA_DIR is set: the whole accuracy suite (benchmarks/accuracy.py, every phase), JOBS runs at a
+#    time on the one GPU, into $OUT/accuracy_gpu (its own CSVs: GPU kernels are not bit-identical to
+#    the CPU ones, so its rows are not mixed with the CPU suite's).
 # Run from anywhere in a fresh checkout on a machine with one CUDA GPU:
 #
-#     bash benchmarks/gpu_speed.sh              # installs into .venv-gpu, then runs fp32 and bf16
-#     OUT=/some/dir bash benchmarks/gpu_speed.sh    # results under $OUT instead of benchmarks/results
+#     bash benchmarks/gpu.sh                        # installs into .venv-gpu, then runs the speed benchmark
+#     DATA_DIR=data bash benchmarks/gpu.sh          # ... and the accuracy suite on the GLUE/SuperGLUE files in data/
+#     OUT=/some/dir bash benchmarks/gpu.sh          # results under $OUT instead of benchmarks/results
 #
 # Environment knobs:
 #   PYTHON=python3.11        interpreter used to create the venv
@@ -13,6 +18,9 @@
 #   SKIP_INSTALL=1           use $VENV as it is
 #   DTYPES="fp32 bf16"       which precisions to run (bf16 = torch.autocast, fp32 weights)
 #   WARMUP=10 REPEATS=30     rounds per method (interleaved round-robin)
+#   DATA_DIR=                folder with glue/ and super_glue/ as in ../shared/data (accuracy suite)
+#   JOBS=8 THREADS=2         accuracy runs at a time, torch CPU threads per run
+#   SPEED=0                  skip the speed benchmark
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -44,11 +52,16 @@ print("GPU:", torch.cuda.get_device_name(0), "| torch", torch.__version__, "| CU
 PYEOF
 
 mkdir -p "$OUT_DIR"
-for DT in $DTYPES; do
+for DT in $( [ "${SPEED:-1}" = 0 ] || echo "$DTYPES" ); do
     NAME=speed_t5-base-shaped_cuda
     [ "$DT" = fp32 ] || NAME="${NAME}_${DT}"
     HF_HUB_OFFLINE=1 "$PY" benchmarks/speed.py --model t5-base-shaped --device cuda --dtype "$DT" \
         --warmup "$WARMUP" --repeats "$REPEATS" --out-dir "$OUT_DIR" --name "$NAME" \
         2> >(tee "$OUT_DIR/$NAME.log" >&2)
 done
+if [ -n "${DATA_DIR:-}" ]; then
+    # The learning-rate selection runs first (it decides the final runs' rates), then final and ablations.
+    HF_HUB_OFFLINE=1 "$PY" benchmarks/accuracy.py --results-dir "$OUT_DIR/accuracy_gpu" run --phase all \
+        --data-dir "$DATA_DIR" --jobs "${JOBS:-8}" --threads "${THREADS:-2}" 2>&1 | tee "$OUT_DIR/accuracy_gpu.log"
+fi
 echo "results in $OUT_DIR"
