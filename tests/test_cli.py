@@ -95,7 +95,7 @@ def test_train_prints_a_json_summary_and_recipes_are_overridden(tiny, tmp_path, 
 
 
 @needs_data
-@pytest.mark.parametrize("method", ["pt", "lora", "head"])
+@pytest.mark.parametrize("method", ["pt", "lora", "ptuning", "head"])
 def test_train_other_methods(tiny, tmp_path, capsys, method):
     code, out, err = run_cli(small_train_args(tiny["bert"], tmp_path, method, steps=2), capsys)
     assert code == 0, err
