@@ -230,6 +230,25 @@ def run_phase(phase, args) -> None:
 
 
 # ---------------------------------------------------------------------------- report
+def majority_scores(task: str, seeds, data_dir: Path) -> list[float]:
+    """The task's main metric for a constant prediction: the most frequent training label (the
+    training mean for regression), on the same test subset each seed's runs were scored on."""
+    from eptkit.metrics import compute_metrics
+    from eptkit.tasks import load_task
+    from eptkit.tasks.registry import get_task
+    from eptkit.train import subsample
+
+    spec, data = get_task(task), load_task(task, data_dir)
+    labels = data["train"]["label"]
+    constant = statistics.mean(labels) if spec.is_regression else max(set(labels), key=labels.count)
+    max_eval = int(COMMON[COMMON.index("--max-eval-samples") + 1])
+    scores = []
+    for seed in seeds:
+        test = subsample(data["test"], max_eval, seed)
+        scores.append(compute_metrics(spec, [constant] * len(test), test["label"])[spec.main_metric])
+    return scores
+
+
 def report(args) -> None:
     results_dir = args.results_dir
     rows = read_rows(results_dir / "accuracy.csv")
@@ -240,6 +259,12 @@ def report(args) -> None:
     cell = {}
     for r in rows:
         cell.setdefault((r["method"], r["task"]), []).append(r)
+    if args.data_dir.is_dir():  # a reference row: what predicting one constant scores
+        methods = ["majority", *methods]
+        for t in tasks:
+            seeds = sorted({int(r["seed"]) for r in rows if r["task"] == t})
+            cell[("majority", t)] = [{"test": v, "train_seconds": 0, "trainable_params": 0}
+                                     for v in majority_scores(t, seeds, args.data_dir)]
     lines = ["| method | params | " + " | ".join(tasks) + " | average | train s/run |",
              "|---|---:|" + "---:|" * len(tasks) + "---:|---:|"]
     summary = {}
@@ -268,7 +293,9 @@ def report(args) -> None:
     sel_lines = ["| method | task | learning rates | validation |", "|---|---|---|---:|"]
     sel_lines += [f"| {r['method']} | {r['task']} | `{r['lr']}` | {float(r['validation']):.1f} |" for r in selection]
     chosen = selected_lrs(results_dir / "lr_selection.csv")
-    text = (f"Test scores (task's main metric, 0-100): mean ± std over seeds (number of seeds).\n\n{table}\n\n"
+    text = (f"Test scores (task's main metric, 0-100): mean ± std over seeds (number of seeds). `majority`: a "
+            f"constant prediction (the most frequent training label; STS-B: the training mean), scored on the "
+            f"same test subsets.\n\n{table}\n\n"
             f"Selected learning rates: " + "; ".join(f"{m}: `{lr_key(v)}`" for m, v in chosen.items())
             + "\n\nLearning-rate selection (seed 0, validation split; rows of earlier grids are history, "
             "not selected from):\n\n" + "\n".join(sel_lines) + "\n")
@@ -283,15 +310,19 @@ def _plots(summary: dict, results_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = {m: s for m, s in summary.items() if s["average"] is not None}
+    points = {m: s for m, s in summary.items() if s["average"] is not None and m != "majority"}
     if not points:
         return
+    majority = summary.get("majority", {}).get("average")
     for key, label, name in (("params", "trainable parameters", "accuracy_vs_params.png"),
                              ("seconds", "training time per run (s, CPU)", "accuracy_vs_time.png")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for m, s in points.items():
             ax.scatter(s[key], s["average"])
             ax.annotate(m, (s[key], s["average"]), textcoords="offset points", xytext=(4, 4))
+        if majority is not None:
+            ax.axhline(majority, color="gray", linestyle="--", linewidth=1, label="majority class")
+            ax.legend(loc="lower right")
         ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.set_ylabel("average test score")
@@ -305,6 +336,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where the CSVs, table and plots live")
     sub = parser.add_subparsers(dest="command", required=True)
+    default_data_dir = Path(os.environ.get("EPTKIT_DATA_DIR", ROOT.parent / "shared" / "data"))
     run = sub.add_parser("run", help="run (or resume) the suite")
     run.add_argument("--phase", choices=("select", "final", "ablation", "tune", "all"), default="all",
                      help="tune: EPT's module learning rate on the selection tasks' validation split (seed 0)")
@@ -314,12 +346,14 @@ def main(argv=None) -> None:
     run.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=list(SEEDS))
     run.add_argument("--steps", type=int, default=150, help="optimizer steps per run (equal for every method)")
     run.add_argument("--eval-steps", type=int, default=50, help="validate (and keep the best adapter) this often")
-    run.add_argument("--data-dir", type=Path, default=Path(os.environ.get("EPTKIT_DATA_DIR", ROOT.parent / "shared" / "data")))
+    run.add_argument("--data-dir", type=Path, default=default_data_dir)
     run.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "accuracy")
     run.add_argument("--threads", type=int, default=2, help="torch threads per run")
     run.add_argument("--jobs", type=int, default=1,
                      help="runs at a time (separate processes; e.g. --jobs 2 --threads 1 on 2 cores, or 8 on one GPU)")
-    sub.add_parser("report", help="write accuracy.md and the plots from the CSVs")
+    rep = sub.add_parser("report", help="write accuracy.md and the plots from the CSVs")
+    rep.add_argument("--data-dir", type=Path, default=default_data_dir,
+                     help="task data, for the majority-class reference row (left out if absent)")
     args = parser.parse_args(argv)
     if args.command == "report":
         return report(args)

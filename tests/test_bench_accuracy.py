@@ -4,8 +4,13 @@ import csv
 import runpy
 from pathlib import Path
 
+import pytest
 
+from conftest import data_dir
 from eptkit.cli import build_parser
+
+DATA = data_dir()
+needs_data = pytest.mark.skipif(not (DATA / "superglue" / "CB" / "train.jsonl").is_file(), reason="no data folder")
 
 HARNESS = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"))
 
@@ -99,3 +104,21 @@ def test_final_phase_runs_each_missing_cell_once_in_parallel_and_reuses_selectio
     # sst2 seed 0 comes from the selection runs and rte/pt/1 was done: 8 cells - 2 reused - 1 done are run.
     ran = sorted((t, m, str(s)) for t, m, s in calls)
     assert ran == sorted(set(expected) - {("sst2", "pt", "0"), ("sst2", "ept", "0"), ("rte", "pt", "1")})
+
+
+@needs_data
+def test_majority_row_scores_a_constant_prediction(tmp_path):
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from eptkit.tasks import load_task
+    from eptkit.train import subsample
+
+    data = load_task("cb", DATA)
+    train_labels = list(data["train"]["label"])
+    majority = max(set(train_labels), key=train_labels.count)
+    expected = []
+    for seed in (0, 1):
+        y = list(subsample(data["test"], 500, seed)["label"])  # CB's test split is smaller than 500: all of it
+        pred = [majority] * len(y)
+        expected.append(100 * (accuracy_score(y, pred) + f1_score(y, pred, average="macro", labels=[0, 1, 2])) / 2)
+    assert HARNESS["majority_scores"]("cb", [0, 1], DATA) == pytest.approx(expected)
