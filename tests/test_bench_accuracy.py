@@ -60,6 +60,8 @@ def test_report_averages_over_seeds_and_tasks(tmp_path):
                              "train_seconds": 5, "metric": "accuracy", "validation": v, "test": v, "lr": "--lr 0.1",
                              "command": "eptkit train"})
     _write(tmp_path / "accuracy.csv", rows)
+    _write(tmp_path / "ept_tuning.csv", [{"task": "rte", "method": "ept", "seed": s, "validation": v,
+                                          "lr": "--lr 0.01 --lr-ept 0.01"} for s, v in ((0, 70), (1, 74))])
     HARNESS["main"](["--results-dir", str(tmp_path), "report"])
     table = (tmp_path / "accuracy.md").read_text()
     ept_line = next(line for line in table.splitlines() if line.startswith("| ept |"))
@@ -68,6 +70,8 @@ def test_report_averages_over_seeds_and_tasks(tmp_path):
     pt_line = next(line for line in table.splitlines() if line.startswith("| pt |"))
     assert "70.0 ± 0.0 (1)" in pt_line and "| 60.0 |" in pt_line
     assert (tmp_path / "accuracy_vs_params.png").stat().st_size > 0
+    # The module-rate table sets the tune runs beside the final EPT runs' validation scores.
+    assert "| default (the low-rank rate) | 62.0 ± 2.8 (2) |" in table and "| 0.01 | 72.0 ± 2.8 (2) |" in table
 
 
 def test_rows_are_appended_not_rewritten(tmp_path):
