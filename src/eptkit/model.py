@@ -385,16 +385,11 @@ class PromptedModel(nn.Module):
         """An inference-only model (sharing this backbone and head) whose prompt and offset are
         constant tensors: EPT's fusion and projection cost nothing per step."""
         prompt, offset = self.prompt_and_offset()
-        compiled = PromptedModel.__new__(PromptedModel)
-        nn.Module.__init__(compiled)
-        compiled.task_type = self.task_type
-        compiled.backbone = self.backbone
-        compiled.word_embeddings = self.word_embeddings
-        compiled.configs = dict(self.configs)
-        compiled.active_adapter = self.active_adapter
-        compiled.adapters = nn.ModuleDict({self.active_adapter: CompiledPrompt(prompt, offset)})
-        compiled.head_name = self.head_name
-        compiled.heads = nn.ModuleDict({k: v for k, v in self.heads.items() if k == self.active_adapter})
+        name = self.active_adapter
+        compiled = PromptedModel(self.backbone, self.config, adapter_name=name, method=CompiledPrompt(prompt, offset))
+        if self.head_name is not None:  # share the trained head, not a fresh copy of the pretrained one
+            compiled.heads[name] = self.heads[name]
+            compiled.set_adapter(name)
         return compiled.eval()
 
     def save_pretrained(self, directory, **kwargs) -> None:
