@@ -364,7 +364,7 @@ def main(argv=None) -> None:
     default_data_dir = Path(os.environ.get("EPTKIT_DATA_DIR", ROOT.parent / "shared" / "data"))
     run = sub.add_parser("run", help="run (or resume) the suite")
     run.add_argument("--phase", choices=("select", "final", "ablation", "tune", "all"), default="all",
-                     help="tune: EPT's module learning rate on the selection tasks' validation split (seed 0)")
+                     help="tune: EPT's module learning rate on the selection tasks' validation split (--seeds)")
     run.add_argument("--tasks", type=lambda s: s.split(","), default=list(TASKS))
     run.add_argument("--select-tasks", type=lambda s: s.split(","), default=list(SELECT_TASKS))
     run.add_argument("--methods", type=lambda s: s.split(","), default=None)

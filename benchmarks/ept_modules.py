@@ -18,14 +18,11 @@ prompt can express. If they add little next to the prompt's own drift, EPT train
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -36,7 +33,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def module_shares(run_dir: Path) -> dict:
     from accelerate.utils import set_seed
 
-    from eptkit import EPTConfig, PromptedModel
+    from eptkit import PromptedModel
     from eptkit.baselines import build_model
     from eptkit.cli import load_backbone
     from eptkit.tasks.registry import get_task
@@ -44,16 +41,15 @@ def module_shares(run_dir: Path) -> dict:
     saved = json.loads((run_dir / "adapter_config.json").read_text())
     if saved.get("method") != "ept":
         raise SystemExit(f"{run_dir}: not an EPT run (method {saved.get('method')!r})")
-    train_cfg = json.loads((run_dir / "results.json").read_text())["config"]["train"]
+    seed = json.loads((run_dir / "results.json").read_text())["config"]["train"]["seed"]
     spec = get_task(json.loads((run_dir / "eptkit_run.json").read_text())["task"])
-    fields = {f.name for f in dataclasses.fields(EPTConfig)} | {"method"}
-    config = EPTConfig.from_dict({k: v for k, v in saved.items() if k in fields})
-    # The initial adapter, built exactly as `eptkit train` built it (seed, then backbone, then method).
-    set_seed(train_cfg["seed"])
-    backbone, tokenizer = load_backbone(saved["backbone"], "classification", spec)
-    initial = build_model(backbone, "ept", config, tokenizer=tokenizer).method.prompt_embeddings.detach().clone()
     backbone, _ = load_backbone(saved["backbone"], "classification", spec)
-    ept = PromptedModel.from_pretrained(backbone, run_dir).method
+    trained = PromptedModel.from_pretrained(backbone, run_dir)
+    ept = trained.method
+    # The initial adapter, built exactly as `eptkit train` built it (seed, then backbone, then method).
+    set_seed(seed)
+    backbone, tokenizer = load_backbone(saved["backbone"], "classification", spec)
+    initial = build_model(backbone, "ept", trained.config, tokenizer=tokenizer).method.prompt_embeddings.detach()
     prompt, offset = ept.prompt_embeddings, ept.offset()
     fused = ept.fused_prompt(offset)
     out, _ = ept()

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random backbones of every supported family, and the bundled MiniLM."""
 
 import importlib.resources
+import importlib.util
 import os
 from pathlib import Path
 
@@ -75,6 +76,15 @@ def minilm_path() -> Path:
 def data_dir() -> Path:
     default = Path(__file__).resolve().parents[1].parent / "shared" / "data"
     return Path(os.environ.get("EPTKIT_DATA_DIR", default))
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ (not a package) imported as a module, e.g. load_benchmark("speed")."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"eptkit_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

@@ -5,24 +5,17 @@ learning rates are ~0 the measured drift must be ~0, and a run with a high modul
 fusion, projection and gate moving.
 """
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
+from conftest import load_benchmark
 from eptkit.cli import main
 from test_cli import needs_data, small_train_args
 from test_train import save_tiny_backbones
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ept_modules.py"
-
 
 @pytest.fixture(scope="module")
 def diagnostic():
-    spec = importlib.util.spec_from_file_location("eptkit_bench_ept_modules", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("ept_modules")
 
 
 @pytest.fixture(scope="module")

@@ -1,20 +1,15 @@
 """Smoke test of the speed harness (benchmarks/speed.py): structure of its output, never timing values."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SPEED = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def speed():
-    spec = importlib.util.spec_from_file_location("eptkit_bench_speed", SPEED)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("speed")
 
 
 def test_run_speed_benchmark_structure(speed):

@@ -41,7 +41,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from . import __version__
 from .adapters import atomic_save_safetensors, atomic_write_json
-from .config import METHODS, PROMPT_METHODS
+from .config import METHODS, PEFT_PROMPT_METHODS, PROMPT_METHODS
 from .model import apply_head, classification_loss, detect_task_type, find_head_name, mean_pool
 
 BASELINE_CONFIG_NAME = "eptkit_baseline.json"
@@ -96,31 +96,26 @@ class _Wrapper(nn.Module):
         return out[:, input_ids.shape[1]:] if self.task_type == "causal" else out
 
 
-class LoRAModel(_Wrapper):
-    method = "lora"
+class _PeftWrapper(_Wrapper):
+    """A PEFT model in `self.inner`: its trainable tensors split into the method's group (names
+    containing `adapter_marker`) and the classifier head PEFT trains beside it."""
 
-    def __init__(self, model: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0.0, target_modules=None):
-        super().__init__()
-        from peft import LoraConfig, TaskType, get_peft_model
+    group = ""
+    adapter_marker = ""
 
-        self.task_type = detect_task_type(model)
-        peft_task = {"classification": TaskType.SEQ_CLS, "seq2seq": TaskType.SEQ_2_SEQ_LM, "causal": TaskType.CAUSAL_LM}
-        if target_modules is None and getattr(model.config, "model_type", None) in ("bert", "roberta", "deberta"):
-            target_modules = ["query", "value"]
-        if not isinstance(r, int) or r < 1:
-            raise ValueError(f"lora_r: must be a positive integer, got {r!r}")
-        config = LoraConfig(
-            task_type=peft_task[self.task_type], r=r, lora_alpha=alpha, lora_dropout=dropout,
-            target_modules=target_modules,
-        )
-        self.inner = get_peft_model(model, config)
+    @staticmethod
+    def peft_task_type(task_type: str):
+        from peft import TaskType
+
+        return {"classification": TaskType.SEQ_CLS, "seq2seq": TaskType.SEQ_2_SEQ_LM,
+                "causal": TaskType.CAUSAL_LM}[task_type]
 
     def param_groups(self):
-        lora, head = [], []
+        adapter, head = [], []
         for name, p in self.inner.named_parameters():
             if p.requires_grad:
-                (lora if "lora_" in name else head).append(p)
-        return {k: v for k, v in {"lora": lora, "head": head}.items() if v}
+                (adapter if self.adapter_marker in name else head).append(p)
+        return {k: v for k, v in {self.group: adapter, "head": head}.items() if v}
 
     def save_pretrained(self, directory) -> None:
         directory = Path(directory)
@@ -129,14 +124,36 @@ class LoRAModel(_Wrapper):
         self._write_info(directory)
 
 
-class PeftPromptModel(_Wrapper):
+class LoRAModel(_PeftWrapper):
+    method = "lora"
+    group, adapter_marker = "lora", "lora_"
+
+    def __init__(self, model: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0.0, target_modules=None):
+        super().__init__()
+        from peft import LoraConfig, get_peft_model
+
+        self.task_type = detect_task_type(model)
+        if target_modules is None and getattr(model.config, "model_type", None) in ("bert", "roberta", "deberta"):
+            target_modules = ["query", "value"]
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"lora_r: must be a positive integer, got {r!r}")
+        config = LoraConfig(
+            task_type=self.peft_task_type(self.task_type), r=r, lora_alpha=alpha, lora_dropout=dropout,
+            target_modules=target_modules,
+        )
+        self.inner = get_peft_model(model, config)
+
+
+class PeftPromptModel(_PeftWrapper):
     """PEFT's P-tuning (`method="ptuning"`) or prefix tuning (`method="prefix"`)."""
+
+    group, adapter_marker = "prompt", "prompt_encoder."
 
     def __init__(self, model: nn.Module, method: str, num_virtual_tokens: int = 20, encoder_hidden_size: int = 128):
         super().__init__()
-        from peft import PrefixTuningConfig, PromptEncoderConfig, TaskType, get_peft_model
+        from peft import PrefixTuningConfig, PromptEncoderConfig, get_peft_model
 
-        if method not in ("ptuning", "prefix"):
+        if method not in PEFT_PROMPT_METHODS:
             raise ValueError(f"method: expected 'ptuning' or 'prefix', got {method!r}")
         if isinstance(num_virtual_tokens, bool) or not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
             raise ValueError(f"prompt_length: must be a positive integer, got {num_virtual_tokens!r}")
@@ -155,26 +172,13 @@ class PeftPromptModel(_Wrapper):
             # attention width differs would fail in the first forward with a shape error.
             raise TypeError(f"method 'prefix': PEFT's prefix tuning needs num_heads * d_kv == d_model, got "
                             f"{cfg.num_heads} * {cfg.d_kv} != {cfg.d_model}")
-        peft_task = {"classification": TaskType.SEQ_CLS, "seq2seq": TaskType.SEQ_2_SEQ_LM, "causal": TaskType.CAUSAL_LM}
+        task = self.peft_task_type(self.task_type)
         if method == "ptuning":
-            config = PromptEncoderConfig(task_type=peft_task[self.task_type], num_virtual_tokens=num_virtual_tokens,
+            config = PromptEncoderConfig(task_type=task, num_virtual_tokens=num_virtual_tokens,
                                          encoder_hidden_size=encoder_hidden_size)
         else:
-            config = PrefixTuningConfig(task_type=peft_task[self.task_type], num_virtual_tokens=num_virtual_tokens)
+            config = PrefixTuningConfig(task_type=task, num_virtual_tokens=num_virtual_tokens)
         self.inner = get_peft_model(model, config)
-
-    def param_groups(self):
-        prompt, head = [], []
-        for name, p in self.inner.named_parameters():
-            if p.requires_grad:
-                (prompt if name.startswith("prompt_encoder.") else head).append(p)
-        return {k: v for k, v in {"prompt": prompt, "head": head}.items() if v}
-
-    def save_pretrained(self, directory) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.inner.save_pretrained(str(directory))
-        self._write_info(directory)
 
 
 def _accepts_past_key_values(model: nn.Module) -> bool:
@@ -259,7 +263,7 @@ def build_model(model: nn.Module, method: str, method_config=None, *, tokenizer=
         return get_prompted_model(model, method_config, tokenizer=tokenizer)
     if method == "lora":
         return LoRAModel(model, r=lora_r)
-    if method in ("ptuning", "prefix"):
+    if method in PEFT_PROMPT_METHODS:
         return PeftPromptModel(model, method, num_virtual_tokens=num_virtual_tokens)
     if method == "full":
         return FullFineTuneModel(model)
