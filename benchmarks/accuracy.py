@@ -1,18 +1,23 @@
 """Accuracy suite: every method on real GLUE/SuperGLUE tasks, equal step budgets, several seeds.
 
-    python benchmarks/accuracy.py run     [--phase select|final|ablation|all] [--tasks ...] [--seeds 0,1,2]
-    python benchmarks/accuracy.py report  # markdown table + plots from the CSVs
+    python benchmarks/accuracy.py run     [--phase select|final|ablation|tune|recipe|all] [--tasks ...] [--seeds 0,1,2]
+    python benchmarks/accuracy.py report  # markdown tables + plots from the CSVs
 
 Protocol (see benchmarks/README.md, "Accuracy"):
 1. select: each method's learning rate(s) are chosen on the *validation* split of the selection
-   tasks (seed 0), from a small grid per method; the choice is written to lr_selection.csv.
+   tasks (SST-2, MRPC, STS-B; seed 0) from a grid per method, by the mean validation score over the
+   tasks; the rows are in lr_selection.csv. For PT, DePT and EPT the grid is a sweep of the prompt's
+   rate, drawn as validation score against that rate (lr_sweep.png).
 2. final: every task x method x seed runs with the selected learning rates; the best checkpoint
-   on validation is scored on the test split (the literature's split protocol, SPEC 4).
-3. ablation: EPT without fusion, without projection, and with 1/2/4/8 subspaces.
-4. tune (optional): EPT's module learning rate, on the selection task's validation split only
-   (ept_tuning.csv; compared with the final EPT rows' validation scores at the default rate).
+   on validation is scored on the test split (the literature's split protocol, docs in README).
+3. ablation: EPT without fusion, without projection, and with 1/2/8 subspaces, on the ablation tasks
+   and seeds; the report gives each variant's paired difference from EPT (same task and seed).
+4. tune: EPT's module learning rate and initialisation, on the selection tasks' validation split.
+5. recipe: the recipe choices other than the rate (optimiser, prompt initialisation, warm-up, head
+   rate, regression targets), each changed alone from the selected EPT/PT recipe, on validation.
 Every run is one `eptkit train ...` command (recorded in the CSV's `command` column) in a fresh
-process. Finished cells are skipped, so the suite resumes across sessions.
+process. Finished cells are skipped, so the suite resumes across sessions; a row counts as finished
+(or reusable, or a selection candidate) only at the budget (steps, eval steps, batch) it was run with.
 """
 
 from __future__ import annotations
@@ -33,26 +38,28 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 TASKS = ("rte", "mrpc", "cb", "cola", "stsb", "wic", "sst2")
-# Learning rates are selected on SST-2 only: it is the one task on which every method learns within
-# the CPU budget (on RTE and CoLA most runs stay at the majority class), so it is the only one whose
-# validation scores can rank the candidates.
-SELECT_TASKS = ("sst2",)
+# Learning rates are selected on three tasks' validation splits: SST-2 (single sentences), MRPC
+# (paraphrase pairs) and STS-B (regression), so no one task's quirks pick the recipe for all.
+SELECT_TASKS = ("sst2", "mrpc", "stsb")
 MAIN_METHODS = ("head", "pt", "dept", "ept", "lora", "full")
 # PEFT's P-tuning, an extra row toward the paper's comparison methods. PEFT's prefix tuning does not
 # apply to the bundled BERT-style classifier (transformers 5 encoders take no past_key_values), so it
 # has no row here; `eptkit train --method prefix` runs it on T5 and decoder-only backbones.
 EXTRA_METHODS = ("ptuning",)
 ABLATIONS = ("ept_no_fusion", "ept_no_projection", "ept_n1", "ept_n2", "ept_n8")
+ABLATION_TASKS = SELECT_TASKS
 SEEDS = (0, 1, 2)
-COLUMNS = ("task", "method", "seed", "steps", "trainable_params", "train_seconds", "metric", "validation", "test",
-           "lr", "command")
+# steps, eval_steps and batch_size are the run's budget: a row is only ever reused, resumed or selected
+# from at the budget it was trained with.
+COLUMNS = ("task", "method", "seed", "steps", "eval_steps", "batch_size", "trainable_params", "train_seconds",
+           "metric", "validation", "test", "lr", "command")
+BUDGET = ("steps", "eval_steps", "batch_size")
 
 # Shared budget: the same steps, batch, text length and evaluation schedule for every method.
 # PT (l=100) and DePT/EPT (m=60, r=30) have the same prompt budget at max_length=128 on a 384-wide
 # backbone: 100*384 = 60*384 + 30*(128+384).
 # Padding is dynamic, so max_length only bounds the offset's rows: short-text tasks do not pay for it.
-COMMON = ["--max-length", "128", "--batch-size", "16", "--save-steps", "0", "--max-eval-samples", "500",
-          "--early-stopping-patience", "0"]
+COMMON = ["--max-length", "128", "--save-steps", "0", "--max-eval-samples", "500", "--early-stopping-patience", "0"]
 METHOD_ARGS = {
     "head": ["--method", "head"],
     "pt": ["--method", "pt", "--prompt-length", "100"],
@@ -67,35 +74,68 @@ METHOD_ARGS = {
     "ept_n2": ["--method", "ept", "--prompt-length", "60", "--rank", "30", "--num-subspaces", "2"],
     "ept_n8": ["--method", "ept", "--prompt-length", "60", "--rank", "30", "--num-subspaces", "8"],
 }
-# Learning-rate grids (AdamW). Each entry is one candidate: option -> value. Every method that trains
-# the classification head trains it at the rate the linear probe selects (1e-2 beat 1e-3 on SST-2):
-# with the default 1e-3 the head, not the prompt, limited the prompt methods within 150 steps.
+# Learning-rate grids. Each entry is one candidate: option -> value. The prompt and low-rank rates are
+# in eptkit's default unit, fractions of the backbone's word-embedding RMS (0.056 on MiniLM, so 0.02 is
+# an absolute 1.1e-3): the grids of an earlier session (absolute 1e-2 and 1e-1, kept as history in
+# results/history/) threw the prompt far off the vocabulary and the prompt methods learned nothing on
+# STS-B. For PT, DePT and EPT the grid sweeps the prompt's rate over 16x (the lr_sweep.png plot);
+# DePT and EPT keep the low-rank rate at a tenth of it. The head, LoRA and full fine-tuning keep the
+# rates an earlier SST-2 selection chose (head 1e-2, LoRA 2e-3, full 1e-4), run once per selection task.
 HEAD_LR = {"--lr-head": 1e-2}
+PROMPT_RATES = (5e-3, 2e-2, 8e-2)
 LR_GRID = {
-    "head": [{"--lr-head": 1e-3}, {"--lr-head": 1e-2}],
-    "pt": [{"--lr": 1e-2, **HEAD_LR}, {"--lr": 1e-1, **HEAD_LR}],
-    "dept": [{"--lr": 1e-2, "--lr-low-rank": 1e-3, **HEAD_LR}, {"--lr": 1e-1, "--lr-low-rank": 1e-3, **HEAD_LR}],
-    "ept": [{"--lr": 1e-2, "--lr-low-rank": 1e-3, **HEAD_LR}, {"--lr": 1e-1, "--lr-low-rank": 1e-3, **HEAD_LR}],
-    "lora": [{"--lr-lora": 5e-4, **HEAD_LR}, {"--lr-lora": 2e-3, **HEAD_LR}],
-    "full": [{"--lr-full": 2e-5}, {"--lr-full": 1e-4}],
-    "ptuning": [{"--lr": 1e-3, **HEAD_LR}, {"--lr": 1e-2, **HEAD_LR}],
+    "head": [dict(HEAD_LR)],
+    "pt": [{"--lr": r, **HEAD_LR} for r in PROMPT_RATES],
+    "dept": [{"--lr": r, "--lr-low-rank": r / 10, **HEAD_LR} for r in PROMPT_RATES],
+    "ept": [{"--lr": r, "--lr-low-rank": r / 10, **HEAD_LR} for r in PROMPT_RATES],
+    "lora": [{"--lr-lora": 2e-3, **HEAD_LR}],
+    "full": [{"--lr-full": 1e-4}],
+    "ptuning": [{"--lr": 2e-2, **HEAD_LR}, {"--lr": 2e-1, **HEAD_LR}],
 }
+# tune: EPT's own modules (fusion, projection, gate), changed one at a time from the selected EPT
+# recipe. By default they train at the low-rank rate and start so that EPT computes exactly DePT.
+EPT_TUNING = [("ept", {"--lr-ept": 1e-2}), ("ept", {"--lr-ept": 3e-2})]
+# recipe: the choices other than the rate, each changed alone from the selected recipe.
+INIT_TEXT = "Read the text and decide the answer."
+RECIPE_VARIANTS = [
+    ("pt", {"--init": "text", "--init-text": INIT_TEXT}),
+    ("ept", {"--init": "text", "--init-text": INIT_TEXT}),
+    ("pt", {"--optimizer": "adafactor", "--lr": 0.3}),
+    ("ept", {"--optimizer": "adafactor", "--lr": 0.3, "--lr-low-rank": 0.03}),
+    ("ept", {"--warmup-ratio": 0}),
+    ("ept", {"--lr-head": 3e-3}),
+    ("ept", {"--regression-targets": "raw"}),
+]
 
 
-# EPT's own modules (fusion, projection, gate) train at --lr-ept (default: the low-rank rate, 1e-3).
-# At that rate they add about 1% to the prompt in 150 steps (benchmarks/ept_modules.py), so the
-# "tune" phase asks, on validation only, whether a higher rate for them helps. 1e-1 (seed 0, kept in
-# ept_tuning.csv as history) blew the projection up to 200x the prompt's norm, so it left the grid.
-EPT_TUNING = [{**LR_GRID["ept"][0], "--lr-ept": 3e-3}, {**LR_GRID["ept"][0], "--lr-ept": 1e-2}]
+def _fmt(value) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+
+
+def _parse(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def lr_key(lr: dict) -> str:
-    return " ".join(f"{k} {v:g}" for k, v in sorted(lr.items()))
+    """A candidate's options as one string ("--lr 0.02 --lr-head 0.01"): the CSV's `lr` column."""
+    return " ".join(f"{k} {_fmt(v)}" for k, v in sorted(lr.items()))
 
 
 def parse_lr_key(key: str) -> dict:
     parts = key.split()
-    return {parts[i]: float(parts[i + 1]) for i in range(0, len(parts), 2)}
+    return {parts[i]: _parse(parts[i + 1]) for i in range(0, len(parts), 2)}
+
+
+def budget_of(row: dict) -> tuple[str, str, str]:
+    """(steps, eval_steps, batch_size) of a CSV row, as strings ('' where an old row lacks one)."""
+    return tuple(str(row.get(k, "") or "") for k in BUDGET)
+
+
+def budget_args(args) -> tuple[str, str, str]:
+    return (str(args.steps), str(args.eval_steps), str(args.batch_size))
 
 
 def base_method(method: str) -> str:
@@ -123,20 +163,25 @@ def append_row(path: Path, row: dict) -> None:
 
 
 # ---------------------------------------------------------------------------- one run
-def command_for(task, method, seed, lr: dict, steps, eval_steps, data_dir, out_dir) -> list[str]:
+def command_for(task, method, seed, lr: dict, steps, eval_steps, data_dir, out_dir, batch_size=16) -> list[str]:
     rel = lambda p: os.path.relpath(p, ROOT)  # commands run from the repository root  # noqa: E731
     args = ["eptkit", "train", "--task", task, "--data-dir", rel(data_dir), "--output-dir", rel(out_dir),
-            "--seed", str(seed), "--max-steps", str(steps), "--eval-steps", str(eval_steps), *COMMON,
-            *METHOD_ARGS[method]]
+            "--seed", str(seed), "--max-steps", str(steps), "--eval-steps", str(eval_steps),
+            "--batch-size", str(batch_size), *COMMON, *METHOD_ARGS[method]]
     for k, v in sorted(lr.items()):
-        args += [k, f"{v:g}"]
+        args += [k, _fmt(v)]
     return args
+
+
+def run_dir_name(task, method, seed, lr, opts) -> str:
+    tag = lr_key(lr).replace(" ", "").replace("--", "_")
+    return f"{task}-{method}-s{seed}-b{opts.steps}x{opts.batch_size}e{opts.eval_steps}-{tag}"
 
 
 def run_cell(task, method, seed, lr, opts) -> dict:
     steps, data_dir, runs_dir, threads = opts.steps, opts.data_dir, opts.runs_dir, opts.threads
-    out_dir = runs_dir / f"{task}-{method}-s{seed}-{lr_key(lr).replace(' ', '').replace('--', '_')}"
-    cmd = command_for(task, method, seed, lr, steps, opts.eval_steps, data_dir, out_dir)
+    out_dir = runs_dir / run_dir_name(task, method, seed, lr, opts)
+    cmd = command_for(task, method, seed, lr, steps, opts.eval_steps, data_dir, out_dir, opts.batch_size)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     exe = [sys.executable, "-m", "eptkit.cli", *cmd[1:], "--overwrite"]
     print(f"[accuracy] {shlex.join(cmd)}", flush=True)
@@ -148,7 +193,8 @@ def run_cell(task, method, seed, lr, opts) -> dict:
     results = json.loads((out_dir / "results.json").read_text())
     metric = results["main_metric"]
     row = {
-        "task": task, "method": method, "seed": seed, "steps": results.get("steps", steps),
+        "task": task, "method": method, "seed": seed, "steps": steps, "eval_steps": opts.eval_steps,
+        "batch_size": opts.batch_size,
         "trainable_params": results["trainable_params"], "train_seconds": round(results["train_time_s"], 1),
         "metric": metric, "validation": round(results["validation"][metric], 2),
         "test": round(results["test"][metric], 2), "lr": lr_key(lr), "command": shlex.join(cmd),
@@ -158,9 +204,10 @@ def run_cell(task, method, seed, lr, opts) -> dict:
 
 
 # ---------------------------------------------------------------------------- phases
-def selected_lrs(select_csv: Path) -> dict[str, dict]:
-    """Per method, the grid entry with the best mean validation score over the selection tasks."""
-    rows = read_rows(select_csv)
+def selected_lrs(select_csv: Path, budget: tuple[str, str, str] | None = None) -> dict[str, dict]:
+    """Per method, the grid entry with the best mean validation score over the selection tasks, among
+    rows run at `budget` (every budget when None); a candidate must have run on every task its method has."""
+    rows = [r for r in read_rows(select_csv) if budget is None or budget_of(r) == budget]
     best = {}
     for method, grid in LR_GRID.items():
         candidates = {lr_key(lr) for lr in grid}  # rows of earlier grids stay in the CSV as history
@@ -193,35 +240,48 @@ def run_cells(cells, csv_path: Path, args) -> None:
             future.result()  # re-raise the first failure (the other cells still finish and are kept)
 
 
+def _variant_cells(csv_path: Path, methods_variants, tasks, seeds, budget) -> list[tuple]:
+    """Cells (task, method, seed, options) of `methods_variants` not yet in `csv_path` at `budget`."""
+    done = {(r["task"], r["method"], r["seed"], r["lr"]) for r in read_rows(csv_path) if budget_of(r) == budget}
+    return [(task, method, seed, lr) for seed in seeds for method, lr in methods_variants for task in tasks
+            if (task, method, str(seed), lr_key(lr)) not in done]
+
+
 def run_phase(phase, args) -> None:
     args.results_dir.mkdir(parents=True, exist_ok=True)
     select_csv, final_csv = args.results_dir / "lr_selection.csv", args.results_dir / "accuracy.csv"
+    budget = budget_args(args)
     methods = args.methods or (MAIN_METHODS + EXTRA_METHODS if phase != "ablation" else ABLATIONS)
     if phase == "select":
-        done = {(r["task"], r["method"], r["lr"]) for r in read_rows(select_csv)}
-        cells = [(task, method, 0, lr) for method in methods for lr in LR_GRID[method] for task in args.select_tasks
-                 if (task, method, lr_key(lr)) not in done]
+        cells = _variant_cells(select_csv, [(m, lr) for m in methods for lr in LR_GRID[m]], args.select_tasks,
+                               [0], budget)
         return run_cells(cells, select_csv, args)
-    if phase == "tune":
-        tune_csv = args.results_dir / "ept_tuning.csv"
-        done = {(r["task"], r["seed"], r["lr"]) for r in read_rows(tune_csv)}
-        cells = [(task, "ept", seed, lr) for seed in args.seeds for lr in EPT_TUNING for task in args.select_tasks
-                 if (task, str(seed), lr_key(lr)) not in done]
-        return run_cells(cells, tune_csv, args)
-    chosen = selected_lrs(select_csv)
-    done = {(r["task"], r["method"], r["seed"]) for r in read_rows(final_csv)}
-    # A selection run is the same command as the final run of its seed: reuse it instead of rerunning.
-    reusable = {(r["task"], r["method"], r["seed"], r["lr"]): r for r in read_rows(select_csv)}
+    chosen = selected_lrs(select_csv, budget)
+    if phase in ("tune", "recipe"):
+        variants = []
+        for method, changes in (EPT_TUNING if phase == "tune" else RECIPE_VARIANTS):
+            if method not in chosen:
+                print(f"[accuracy] skip {method}: no learning rate selected yet at this budget (run --phase select)")
+                continue
+            variants.append((method, {**chosen[method], **changes}))
+        path = args.results_dir / ("ept_tuning.csv" if phase == "tune" else "recipe.csv")
+        return run_cells(_variant_cells(path, variants, args.select_tasks, args.seeds, budget), path, args)
+    done = {(r["task"], r["method"], r["seed"]) for r in read_rows(final_csv) if budget_of(r) == budget}
+    # A selection run is the same command as the final run of its seed: reuse it instead of rerunning,
+    # but only one run at this very budget (steps, eval steps, batch).
+    reusable = {(r["task"], r["method"], r["seed"], r["lr"]): r for r in read_rows(select_csv)
+                if budget_of(r) == budget}
+    tasks = args.tasks if phase == "final" or args.tasks_given else list(ABLATION_TASKS)
     # Seed-major order: a partial run gives every task and method one seed before any gets a second.
     cells = []
     for seed in args.seeds:
-        for task in args.tasks:
+        for task in tasks:
             for method in methods:
                 if (task, method, str(seed)) in done:
                     continue
                 lr = chosen.get(base_method(method))
                 if lr is None:
-                    print(f"[accuracy] skip {method}: no learning rate selected yet (run --phase select)")
+                    print(f"[accuracy] skip {method}: no learning rate selected yet at this budget (run --phase select)")
                     continue
                 previous = reusable.get((task, method, str(seed), lr_key(lr)))
                 if previous:
@@ -251,11 +311,19 @@ def majority_scores(task: str, seeds, data_dir: Path) -> list[float]:
     return scores
 
 
+def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "–"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.1f} ± {sd:.1f} ({len(values)})"
+
+
 def report(args) -> None:
-    results_dir = args.results_dir
-    rows = read_rows(results_dir / "accuracy.csv")
+    results_dir, budget = args.results_dir, budget_args(args)
+    rows = [r for r in read_rows(results_dir / "accuracy.csv") if budget_of(r) == budget]
     if not rows:
-        sys.exit("no results yet: run `python benchmarks/accuracy.py run` first")
+        sys.exit(f"no results at budget steps/eval_steps/batch = {'/'.join(budget)} yet: "
+                 "run `python benchmarks/accuracy.py run` first")
     tasks = [t for t in TASKS if any(r["task"] == t for r in rows)]
     methods = [m for m in MAIN_METHODS + EXTRA_METHODS + ABLATIONS if any(r["method"] == m for r in rows)]
     cell = {}
@@ -277,12 +345,9 @@ def report(args) -> None:
             vals = [float(r["test"]) for r in rs]
             times += [float(r["train_seconds"]) for r in rs]
             params = params or (rs[0]["trainable_params"] if rs else None)
+            scores.append(_mean_sd(vals))
             if vals:
-                sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-                scores.append(f"{statistics.mean(vals):.1f} ± {sd:.1f} ({len(vals)})")
                 means.append(statistics.mean(vals))
-            else:
-                scores.append("–")
         complete = len(means) == len(tasks)
         avg = statistics.mean(means) if complete else None
         mean_time = statistics.mean(times) if times else None
@@ -290,43 +355,171 @@ def report(args) -> None:
         cells = [f"{int(params):,}" if params else "–", *scores, f"{avg:.1f}" if complete else "–",
                  f"{mean_time:.0f}" if mean_time else "–"]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
-    selection = read_rows(results_dir / "lr_selection.csv")
-    sel_lines = ["| method | task | learning rates | validation |", "|---|---|---|---:|"]
-    sel_lines += [f"| {r['method']} | {r['task']} | `{r['lr']}` | {float(r['validation']):.1f} |" for r in selection]
-    chosen = selected_lrs(results_dir / "lr_selection.csv")
-    text = (f"Test scores (task's main metric, 0-100): mean ± std over seeds (number of seeds). `majority`: a "
+    chosen = selected_lrs(results_dir / "lr_selection.csv", budget)
+    text = (f"Budget: {budget[0]} steps of batch {budget[2]}, validation every {budget[1]} steps.\n\n"
+            f"Test scores (task's main metric, 0-100): mean ± std over seeds (number of seeds). `majority`: a "
             f"constant prediction (the most frequent training label; STS-B: the training mean), scored on the "
-            f"same test subsets.\n\n{table}\n\n"
-            f"Selected learning rates: " + "; ".join(f"{m}: `{lr_key(v)}`" for m, v in chosen.items())
-            + "\n\nLearning-rate selection (seed 0, validation split; rows of earlier grids are history, "
-            "not selected from):\n\n" + "\n".join(sel_lines) + "\n" + _tuning_table(rows, results_dir))
+            f"same test subsets.\n\n" + "\n".join(lines) + "\n\n"
+            "Selected learning rates: " + "; ".join(f"{m}: `{lr_key(v)}`" for m, v in chosen.items()) + "\n\n"
+            + _selection_table(results_dir, budget)
+            + _variant_table(results_dir / "recipe.csv", "Recipe study", results_dir, budget, chosen)
+            + _variant_table(results_dir / "ept_tuning.csv", "EPT modules", results_dir, budget, chosen)
+            + _ablation_table(rows))
     (results_dir / "accuracy.md").write_text(text)
     print(text)
     _plots(summary, results_dir)
+    _sweep_plot(results_dir, budget)
+    _learning_curves(rows, results_dir)
 
 
-def _tuning_table(final_rows: list[dict], results_dir: Path) -> str:
-    """EPT's module learning rate on validation: the tune runs against the final EPT runs (default rate)."""
-    tuning = read_rows(results_dir / "ept_tuning.csv")
-    if not tuning:
+def _selection_rows(results_dir: Path, budget) -> list[dict]:
+    return [r for r in read_rows(results_dir / "lr_selection.csv") if budget_of(r) == budget]
+
+
+def _selection_table(results_dir: Path, budget) -> str:
+    """Validation score of every candidate of the current grids, per selection task and on average."""
+    rows = _selection_rows(results_dir, budget)
+    tasks = [t for t in TASKS if any(r["task"] == t for r in rows)]
+    lines = ["| method | options | " + " | ".join(tasks) + " | mean |", "|---|---|" + "---:|" * (len(tasks) + 1)]
+    for method, grid in LR_GRID.items():
+        for lr in grid:
+            vals = {r["task"]: float(r["validation"]) for r in rows if r["method"] == method and r["lr"] == lr_key(lr)}
+            if not vals:
+                continue
+            mean = f"{statistics.mean(vals.values()):.1f}" if len(vals) == len(tasks) else "–"
+            lines.append(f"| {method} | `{lr_key(lr)}` | " + " | ".join(
+                f"{vals[t]:.1f}" if t in vals else "–" for t in tasks) + f" | {mean} |")
+    return ("Learning-rate selection (seed 0, validation split, the current grids):\n\n" + "\n".join(lines) + "\n")
+
+
+def _base_validation(results_dir: Path, budget, chosen) -> dict[tuple[str, str, str], float]:
+    """(task, method, seed) -> validation score of the selected recipe (selection or final rows)."""
+    out = {}
+    for path in (results_dir / "lr_selection.csv", results_dir / "accuracy.csv"):
+        for r in read_rows(path):
+            if budget_of(r) == budget and r["method"] in chosen and r["lr"] == lr_key(chosen[r["method"]]):
+                out[(r["task"], r["method"], r["seed"])] = float(r["validation"])
+    return out
+
+
+def _variant_table(path: Path, title: str, results_dir: Path, budget, chosen) -> str:
+    """Each variant's validation score minus the selected recipe's, paired by task and seed."""
+    rows = [r for r in read_rows(path) if budget_of(r) == budget]
+    if not rows:
         return ""
-    by_rate: dict[str, dict[str, list[float]]] = {}
-    for r in tuning:
-        by_rate.setdefault(f"{parse_lr_key(r['lr']).get('--lr-ept'):g}", {}).setdefault(r["task"], []).append(
-            float(r["validation"]))
-    tasks = sorted({t for v in by_rate.values() for t in v})
-    default = {t: [float(r["validation"]) for r in final_rows if r["method"] == "ept" and r["task"] == t] for t in tasks}
-    lines = ["| `--lr-ept` | " + " | ".join(f"{t} validation" for t in tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    base = _base_validation(results_dir, budget, chosen)
+    tasks = [t for t in TASKS if any(r["task"] == t for r in rows)]
+    variants = {}
+    for r in rows:
+        if r["method"] not in chosen:
+            continue
+        changed = {k: v for k, v in parse_lr_key(r["lr"]).items() if chosen[r["method"]].get(k) != v}
+        key = (r["method"], lr_key(changed))
+        ref = base.get((r["task"], r["method"], r["seed"]))
+        if ref is not None:
+            variants.setdefault(key, {}).setdefault(r["task"], []).append(float(r["validation"]) - ref)
+    lines = ["| method | change | " + " | ".join(tasks) + " | mean |", "|---|---|" + "---:|" * (len(tasks) + 1)]
+    for (method, change), per_task in variants.items():
+        diffs = [d for t in tasks for d in per_task.get(t, [])]
+        lines.append(f"| {method} | `{change}` | " + " | ".join(_signed(per_task.get(t, [])) for t in tasks)
+                     + f" | {_signed(diffs)} |")
+    return (f"\n{title} (validation only): the change's score minus the selected recipe's, same task and seed; "
+            "mean ± std of the paired differences (pairs):\n\n" + "\n".join(lines) + "\n")
 
-    def fmt(v):
-        return f"{statistics.mean(v):.1f} ± {statistics.stdev(v) if len(v) > 1 else 0:.1f} ({len(v)})" if v else "–"
 
-    lines.append("| default (the low-rank rate) | " + " | ".join(fmt(default[t]) for t in tasks) + " |")
-    for rate, per_task in sorted(by_rate.items(), key=lambda kv: float(kv[0])):
-        lines.append(f"| {rate} | " + " | ".join(fmt(per_task.get(t, [])) for t in tasks) + " |")
-    return ("\nEPT module learning rate (`tune` phase; validation split only, mean ± std over seeds):\n\n"
-            + "\n".join(lines) + "\n")
+def _signed(values: list[float]) -> str:
+    if not values:
+        return "–"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):+.1f} ± {sd:.1f} ({len(values)})"
+
+
+def _ablation_table(rows: list[dict]) -> str:
+    """Each ablation's test score minus full EPT's, paired by task and seed."""
+    ept = {(r["task"], r["seed"]): float(r["test"]) for r in rows if r["method"] == "ept"}
+    ablated = [r for r in rows if r["method"] in ABLATIONS and (r["task"], r["seed"]) in ept]
+    if not ablated:
+        return ""
+    tasks = [t for t in TASKS if any(r["task"] == t for r in ablated)]
+    lines = ["| variant | " + " | ".join(tasks) + " | all |", "|---|" + "---:|" * (len(tasks) + 1)]
+    for m in ABLATIONS:
+        diffs = {t: [float(r["test"]) - ept[(t, r["seed"])] for r in ablated if r["method"] == m and r["task"] == t]
+                 for t in tasks}
+        if any(diffs.values()):
+            lines.append(f"| {m} | " + " | ".join(_signed(diffs[t]) for t in tasks)
+                         + f" | {_signed([d for v in diffs.values() for d in v])} |")
+    return ("\nAblations (test): the variant's score minus full EPT's, same task and seed; mean ± std of the "
+            "paired differences (pairs):\n\n" + "\n".join(lines) + "\n")
+
+
+def _sweep_plot(results_dir: Path, budget) -> None:
+    """Validation score against the prompt's learning rate for PT, DePT and EPT (mean over the selection tasks)."""
+    rows = _selection_rows(results_dir, budget)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = False
+    for method in ("pt", "dept", "ept"):
+        points = []
+        for lr in LR_GRID[method]:
+            vals = [float(r["validation"]) for r in rows if r["method"] == method and r["lr"] == lr_key(lr)]
+            if len(vals) == len(SELECT_TASKS):
+                points.append((lr["--lr"], statistics.mean(vals)))
+        if points:
+            ax.plot(*zip(*points), marker="o", label=method)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return
+    ax.set_xscale("log")
+    ax.set_xlabel("prompt learning rate (x word-embedding RMS)")
+    ax.set_ylabel(f"mean validation score ({', '.join(SELECT_TASKS)})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(results_dir / "lr_sweep.png", dpi=120)
+    plt.close(fig)
+
+
+def _learning_curves(rows: list[dict], results_dir: Path) -> None:
+    """Validation score against step, seed 0, from the runs' log.jsonl (where the run folders are here)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in SELECT_TASKS if any(r["task"] == t for r in rows)]
+    if not tasks:
+        return
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.5), squeeze=False)
+    drawn = False
+    for ax, task in zip(axes[0], tasks):
+        for r in rows:
+            if r["task"] != task or r["seed"] != "0" or r["method"] not in MAIN_METHODS:
+                continue
+            cmd = shlex.split(r["command"])
+            if "--output-dir" not in cmd:
+                continue
+            log = ROOT / cmd[cmd.index("--output-dir") + 1] / "log.jsonl"
+            if not log.is_file():
+                continue
+            points = [(rec["step"], rec["eval"]["validation"][r["metric"]])
+                      for rec in map(json.loads, log.read_text().splitlines()) if "eval" in rec]
+            if points:
+                ax.plot(*zip(*points), marker=".", label=r["method"])
+                drawn = True
+        ax.set_title(task)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    if drawn:
+        axes[0][0].set_ylabel("validation score")
+        axes[0][-1].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(results_dir / "learning_curves.png", dpi=120)
+    plt.close(fig)
 
 
 def _plots(summary: dict, results_dir: Path) -> None:
@@ -365,12 +558,11 @@ def main(argv=None) -> None:
     run = sub.add_parser("run", help="run (or resume) the suite")
     run.add_argument("--phase", choices=("select", "final", "ablation", "tune", "all"), default="all",
                      help="tune: EPT's module learning rate on the selection tasks' validation split (--seeds)")
-    run.add_argument("--tasks", type=lambda s: s.split(","), default=list(TASKS))
+    run.add_argument("--tasks", type=lambda s: s.split(","), default=None,
+                     help=f"default: all seven for final, {','.join(ABLATION_TASKS)} for ablation")
     run.add_argument("--select-tasks", type=lambda s: s.split(","), default=list(SELECT_TASKS))
     run.add_argument("--methods", type=lambda s: s.split(","), default=None)
     run.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=list(SEEDS))
-    run.add_argument("--steps", type=int, default=150, help="optimizer steps per run (equal for every method)")
-    run.add_argument("--eval-steps", type=int, default=50, help="validate (and keep the best adapter) this often")
     run.add_argument("--data-dir", type=Path, default=default_data_dir)
     run.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "accuracy")
     run.add_argument("--threads", type=int, default=2, help="torch threads per run")
@@ -379,9 +571,15 @@ def main(argv=None) -> None:
     rep = sub.add_parser("report", help="write accuracy.md and the plots from the CSVs")
     rep.add_argument("--data-dir", type=Path, default=default_data_dir,
                      help="task data, for the majority-class reference row (left out if absent)")
+    for p in (run, rep):
+        p.add_argument("--steps", type=int, default=150, help="optimizer steps per run (equal for every method)")
+        p.add_argument("--eval-steps", type=int, default=50, help="validate (and keep the best adapter) this often")
+        p.add_argument("--batch-size", type=int, default=16, help="training examples per step (equal for every method)")
     args = parser.parse_args(argv)
     if args.command == "report":
         return report(args)
+    args.tasks_given = args.tasks is not None
+    args.tasks = args.tasks or list(TASKS)
     phases = ("select", "final", "ablation") if args.phase == "all" else (args.phase,)
     for phase in phases:
         run_phase(phase, args)

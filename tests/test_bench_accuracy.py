@@ -31,8 +31,9 @@ def test_every_command_the_suite_records_parses_as_eptkit_train(tmp_path):
 def test_selection_picks_best_mean_validation_over_complete_grids(tmp_path):
     path = tmp_path / "lr_selection.csv"
     key = HARNESS["lr_key"]
-    pt_low, pt_high = (key(lr) for lr in HARNESS["LR_GRID"]["pt"])
-    lora_a, lora_b = (key(lr) for lr in HARNESS["LR_GRID"]["lora"])
+    pt_low, pt_high = (key(lr) for lr in HARNESS["LR_GRID"]["pt"][:2])
+    dept_a, dept_b = (key(lr) for lr in HARNESS["LR_GRID"]["dept"][:2])
+    budget = {"steps": 150, "eval_steps": 50, "batch_size": 16}
     rows = [
         {"task": "sst2", "method": "pt", "lr": pt_low, "validation": 80},
         {"task": "cola", "method": "pt", "lr": pt_low, "validation": 20},    # mean 50
@@ -40,28 +41,39 @@ def test_selection_picks_best_mean_validation_over_complete_grids(tmp_path):
         {"task": "cola", "method": "pt", "lr": pt_high, "validation": 10},   # mean 47.5
         {"task": "sst2", "method": "pt", "lr": "--lr 0.5", "validation": 99},  # not in the grid: history only
         {"task": "cola", "method": "pt", "lr": "--lr 0.5", "validation": 99},
-        {"task": "sst2", "method": "lora", "lr": lora_b, "validation": 99},   # incomplete: one task only
-        {"task": "sst2", "method": "lora", "lr": lora_a, "validation": 70},
-        {"task": "cola", "method": "lora", "lr": lora_a, "validation": 30},
+        {"task": "sst2", "method": "dept", "lr": dept_b, "validation": 99},   # incomplete: one task only
+        {"task": "sst2", "method": "dept", "lr": dept_a, "validation": 70},
+        {"task": "cola", "method": "dept", "lr": dept_a, "validation": 30},
     ]
-    _write(path, rows)
-    chosen = HARNESS["selected_lrs"](path)
+    _write(path, [{**r, **budget} for r in rows])
+    # Another budget's rows are not candidates at this one.
+    _write(path, [{"task": t, "method": "pt", "lr": pt_high, "validation": 100, **budget, "steps": 2000}
+                  for t in ("sst2", "cola")])
+    chosen = HARNESS["selected_lrs"](path, ("150", "50", "16"))
     assert key(chosen["pt"]) == pt_low
-    assert key(chosen["lora"]) == lora_a
+    assert key(chosen["dept"]) == dept_a
     assert "ept" not in chosen
+    assert key(HARNESS["selected_lrs"](path, ("2000", "50", "16"))["pt"]) == pt_high
 
 
-def test_report_averages_over_seeds_and_tasks(tmp_path):
+def test_report_averages_over_seeds_and_tasks_and_pairs_variants_with_the_selected_recipe(tmp_path):
+    key = HARNESS["lr_key"]
+    budget = {"steps": 150, "eval_steps": 50, "batch_size": 16}
+    ept_lr = HARNESS["LR_GRID"]["ept"][0]
     rows = []
-    for method, scores in {"ept": {"rte": [60, 64], "cb": [70, 80]}, "pt": {"rte": [50, 50], "cb": [70]}}.items():
+    for method, scores in {"ept": {"rte": [60, 64], "cb": [70, 80]}, "pt": {"rte": [50, 50], "cb": [70]},
+                           "ept_no_fusion": {"rte": [61, 60], "cb": [75]}}.items():
         for task, values in scores.items():
             for seed, v in enumerate(values):
-                rows.append({"task": task, "method": method, "seed": seed, "steps": 10, "trainable_params": 1000,
-                             "train_seconds": 5, "metric": "accuracy", "validation": v, "test": v, "lr": "--lr 0.1",
-                             "command": "eptkit train"})
+                rows.append({"task": task, "method": method, "seed": seed, **budget, "trainable_params": 1000,
+                             "train_seconds": 5, "metric": "accuracy", "validation": v, "test": v,
+                             "lr": key(ept_lr), "command": "eptkit train"})
+    rows.append({**rows[0], "steps": 2000, "test": 0})  # another budget: not in this report
     _write(tmp_path / "accuracy.csv", rows)
-    _write(tmp_path / "ept_tuning.csv", [{"task": "rte", "method": "ept", "seed": s, "validation": v,
-                                          "lr": "--lr 0.01 --lr-ept 0.01"} for s, v in ((0, 70), (1, 74))])
+    _write(tmp_path / "lr_selection.csv", [{"task": "rte", "method": "ept", "seed": 0, "validation": 60,
+                                            "lr": key(ept_lr), **budget}])
+    _write(tmp_path / "ept_tuning.csv", [{"task": "rte", "method": "ept", "seed": s, "validation": v, **budget,
+                                          "lr": key({**ept_lr, "--lr-ept": 0.01})} for s, v in ((0, 70), (1, 74))])
     HARNESS["main"](["--results-dir", str(tmp_path), "report"])
     table = (tmp_path / "accuracy.md").read_text()
     ept_line = next(line for line in table.splitlines() if line.startswith("| ept |"))
@@ -70,8 +82,12 @@ def test_report_averages_over_seeds_and_tasks(tmp_path):
     pt_line = next(line for line in table.splitlines() if line.startswith("| pt |"))
     assert "70.0 ± 0.0 (1)" in pt_line and "| 60.0 |" in pt_line
     assert (tmp_path / "accuracy_vs_params.png").stat().st_size > 0
-    # The module-rate table sets the tune runs beside the final EPT runs' validation scores.
-    assert "| default (the low-rank rate) | 62.0 ± 2.8 (2) |" in table and "| 0.01 | 72.0 ± 2.8 (2) |" in table
+    # Module-rate variant against the selected EPT recipe on the same task and seed: 70-60 and 74-64.
+    tuning_line = next(line for line in table.splitlines() if "`--lr-ept 0.01`" in line)
+    assert "+10.0 ± 0.0 (2)" in tuning_line
+    # Ablation paired with EPT by task and seed: rte 61-60, 60-64 -> -1.5 ± 3.5; cb 75-70 -> +5.0.
+    ablation_line = next(line for line in table.splitlines() if line.startswith("| ept_no_fusion | -"))
+    assert "-1.5 ± 3.5 (2)" in ablation_line and "+5.0 ± 0.0 (1)" in ablation_line
 
 
 def test_rows_are_appended_not_rewritten(tmp_path):
@@ -86,12 +102,16 @@ def test_final_phase_runs_each_missing_cell_once_in_parallel_and_reuses_selectio
     key = HARNESS["lr_key"]
     chosen = {m: grid[0] for m, grid in HARNESS["LR_GRID"].items()}
 
-    def row(task, method, seed, lr):
-        return {"task": task, "method": method, "seed": seed, "steps": 10, "trainable_params": 1, "train_seconds": 1,
-                "metric": "accuracy", "validation": 1, "test": 1, "lr": key(lr), "command": "eptkit train"}
+    def row(task, method, seed, lr, steps=150):
+        return {"task": task, "method": method, "seed": seed, "steps": steps, "eval_steps": 50, "batch_size": 16,
+                "trainable_params": 1, "train_seconds": 1, "metric": "accuracy", "validation": 1, "test": 1,
+                "lr": key(lr), "command": "eptkit train"}
 
     _write(tmp_path / "lr_selection.csv", [row("sst2", m, 0, lr) for m, lr in chosen.items()])
     _write(tmp_path / "accuracy.csv", [row("rte", "pt", 1, chosen["pt"])])  # finished in an earlier session
+    # Rows at another budget are neither finished cells nor reusable selection runs at this one.
+    _write(tmp_path / "accuracy.csv", [row("rte", "ept", 1, chosen["ept"], steps=2000)])
+    _write(tmp_path / "lr_selection.csv", [row("sst2", "pt", 1, chosen["pt"], steps=2000)])
     calls = []
 
     def fake_run_cell(task, method, seed, lr, opts):
@@ -102,7 +122,7 @@ def test_final_phase_runs_each_missing_cell_once_in_parallel_and_reuses_selectio
     HARNESS["main"](["--results-dir", str(tmp_path), "run", "--phase", "final", "--tasks", "sst2,rte",
                      "--methods", "pt,ept", "--seeds", "0,1", "--jobs", "3"])
     with open(tmp_path / "accuracy.csv") as f:
-        cells = sorted((r["task"], r["method"], r["seed"]) for r in csv.DictReader(f))
+        cells = sorted((r["task"], r["method"], r["seed"]) for r in csv.DictReader(f) if r["steps"] == "150")
     expected = sorted((t, m, str(s)) for t in ("sst2", "rte") for m in ("pt", "ept") for s in (0, 1))
     assert cells == expected  # every cell exactly once
     # sst2 seed 0 comes from the selection runs and rte/pt/1 was done: 8 cells - 2 reused - 1 done are run.

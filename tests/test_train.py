@@ -6,6 +6,7 @@ CB-shaped splits, so nothing here needs the data folder.
 """
 
 import json
+import math
 import os
 import random
 import signal
@@ -164,12 +165,84 @@ def test_train_every_method_on_a_classifier(tiny_models, tmp_path, method):
 def test_lr_groups_follow_the_schedule(tiny_models, tmp_path):
     model, tok = make_model(tiny_models["bert"], "ept")
     train(model, tok, "cb", synthetic_cb(), quick_config(tmp_path, warmup_steps=2, lr=0.2, lr_low_rank=0.01,
-                                                          lr_ept=0.02, lr_head=0.03, eval_steps=0))
+                                                          lr_ept=0.02, lr_head=0.03, eval_steps=0,
+                                                          lr_unit="absolute"))
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert log[0]["lr"] == {"prompt": 0.0, "low_rank": 0.0, "ept": 0.0, "head": 0.0}
     assert log[1]["lr"] == pytest.approx({"prompt": 0.1, "low_rank": 0.005, "ept": 0.01, "head": 0.015})
     assert log[2]["lr"] == pytest.approx({"prompt": 0.2, "low_rank": 0.01, "ept": 0.02, "head": 0.03})
     assert log[3]["lr"]["prompt"] == pytest.approx(0.1)  # linear decay to 0 at max_steps
+
+
+def test_relative_rates_scale_the_embedding_space_groups_by_the_word_embedding_rms(tiny_models, tmp_path):
+    model, tok = make_model(tiny_models["bert"], "ept")
+    weight = model.backbone.get_input_embeddings().weight.detach().double()
+    rms = math.sqrt(sum(float(x) ** 2 for x in weight.flatten()) / weight.numel())  # by hand, not torch's norm
+    train(model, tok, "cb", synthetic_cb(), quick_config(tmp_path, warmup_steps=0, lr=0.2, lr_low_rank=0.01,
+                                                          lr_ept=0.02, lr_head=0.03, eval_steps=0, max_steps=2))
+    first = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])["lr"]
+    # Prompt and low-rank rates are fractions of a word vector's scale; EPT's modules and the head are not.
+    assert first == pytest.approx({"prompt": 0.2 * rms, "low_rank": 0.01 * rms, "ept": 0.02, "head": 0.03})
+    saved = json.loads((tmp_path / "results.json").read_text())["config"]["run"]["lr_absolute"]
+    assert saved["prompt"] == pytest.approx(0.2 * rms, rel=1e-3)
+
+
+def test_adafactor_keeps_each_group_rate_relative_to_its_parameter(tiny_models):
+    from transformers.optimization import Adafactor
+
+    from eptkit.train import make_optimizer
+
+    model, _ = make_model(tiny_models["bert"], "dept")
+    optimizer = make_optimizer(model, TrainConfig(optimizer="adafactor", lr=0.3, lr_low_rank=0.01))
+    assert isinstance(optimizer, Adafactor)
+    rates = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert rates["prompt"] == 0.3 and rates["low_rank"] == 0.01  # not multiplied by the embedding RMS again
+    assert all(g["scale_parameter"] and not g["relative_step"] for g in optimizer.param_groups)
+
+
+def synthetic_stsb(n=40, seed=0):
+    rng = random.Random(seed)
+
+    def split(count):
+        rows = {"sentence1": [], "sentence2": [], "label": [], "idx": []}
+        for i in range(count):
+            rows["sentence1"].append(" ".join(rng.choice(WORDS) for _ in range(5)))
+            rows["sentence2"].append(" ".join(rng.choice(WORDS) for _ in range(5)))
+            rows["label"].append(round(rng.uniform(0, 5), 2))
+            rows["idx"].append(i)
+        return datasets.Dataset.from_dict(rows)
+
+    return datasets.DatasetDict({"train": split(n), "validation": split(8), "test": split(8)})
+
+
+@pytest.mark.parametrize("method", ["pt", "head", "lora"])
+def test_standardized_regression_starts_the_head_at_the_label_mean(tiny_models, tmp_path, method):
+    import statistics
+
+    from eptkit.train import Trainer, regression_head_bias
+
+    data = synthetic_stsb()
+    labels = list(data["train"]["label"])
+    torch.manual_seed(0)
+    backbone, tok = load_backbone(tiny_models["bert"], "classification", get_task("stsb"))
+    model = build_model(backbone, method, PromptTuningConfig(prompt_length=4) if method == "pt" else None)
+    trainer = Trainer(model, tok, "stsb", data, quick_config(tmp_path))
+    assert float(regression_head_bias(model).detach()) == pytest.approx(statistics.mean(labels), rel=1e-6)
+    assert trainer.loss_scale == pytest.approx(1 / statistics.variance(labels), rel=1e-5)
+    # 'raw' leaves the head as it was built and the loss in label units.
+    torch.manual_seed(0)
+    backbone, tok = load_backbone(tiny_models["bert"], "classification", get_task("stsb"))
+    model = build_model(backbone, method, PromptTuningConfig(prompt_length=4) if method == "pt" else None)
+    before = float(regression_head_bias(model).detach())
+    raw = Trainer(model, tok, "stsb", data, quick_config(tmp_path, regression_targets="raw"))
+    assert raw.loss_scale == 1.0 and float(regression_head_bias(model).detach()) == before
+
+
+@pytest.mark.parametrize("field,value", [("lr_unit", "relative"), ("optimizer", "sgd"),
+                                         ("regression_targets", "scaled")])
+def test_recipe_choices_are_validated(field, value):
+    with pytest.raises(ValueError, match=f"{field}: must be one of"):
+        TrainConfig(**{field: value})
 
 
 @pytest.mark.parametrize("kind,method", [("t5", "ept"), ("gpt2", "pt"), ("t5", "lora"), ("gpt2", "prefix"),

@@ -57,6 +57,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch import nn
 
 from . import __version__
 from .adapters import atomic_write_json
@@ -78,6 +79,11 @@ LR_FIELDS = {
     "lora": "lr_lora",
 }
 MIXED_PRECISION = ("no", "bf16", "fp16")
+LR_UNITS = ("embedding_rms", "absolute")
+OPTIMIZERS = ("adamw", "adafactor")
+REGRESSION_TARGETS = ("standardize", "raw")
+# Groups whose parameters live in the word-embedding space: lr_unit='embedding_rms' scales their rates.
+EMBEDDING_SPACE_GROUPS = ("prompt", "low_rank")
 
 
 def _help(text: str, **kwargs) -> Any:
@@ -90,11 +96,20 @@ class TrainConfig:
 
     output_dir: str = _help("Directory for the best adapter, results.json, log.jsonl and checkpoints/.",
                             default="runs/eptkit")
-    lr: float = _help("Learning rate of the prompt (PT prompt, DePT/EPT short prompt).", default=3e-1)
-    lr_low_rank: float = _help("Learning rate of DePT/EPT's low-rank offset A, B.", default=1e-4)
+    lr: float = _help("Learning rate of the prompt (PT prompt, DePT/EPT short prompt), in lr_unit.", default=2e-2)
+    lr_low_rank: float = _help("Learning rate of DePT/EPT's low-rank offset A, B, in lr_unit.", default=2e-3)
+    lr_unit: str = _help(
+        "Unit of lr and lr_low_rank with AdamW: 'embedding_rms' multiplies them by the RMS of the backbone's "
+        "word embeddings (0.056 for all-MiniLM-L6-v2), so a prompt moves by the same fraction of a word vector "
+        "per step on any backbone; 'absolute' takes them as given (the literature's T5 rates, e.g. 0.3). "
+        "Adafactor's rates are always relative to each parameter's own RMS.",
+        default="embedding_rms")
+    optimizer: str = _help(
+        "'adamw', or 'adafactor' (transformers' Adafactor with parameter scaling and no relative step: each "
+        "group's rate is then relative to the RMS of the parameter it updates).", default="adamw")
     lr_ept: float | None = _help("Learning rate of EPT's fusion/projection/gate weights (default: lr_low_rank).",
                                  default=None)
-    lr_head: float = _help("Learning rate of the classification head (classifiers only).", default=1e-3)
+    lr_head: float = _help("Learning rate of the classification head (classifiers only).", default=1e-2)
     lr_full: float = _help("Learning rate of every weight in full fine-tuning (method 'full').", default=2e-5)
     lr_lora: float = _help("Learning rate of the LoRA matrices (method 'lora').", default=5e-4)
     weight_decay: float = _help("AdamW weight decay (all groups).", default=1e-5)
@@ -125,6 +140,10 @@ class TrainConfig:
     max_train_samples: int | None = _help("Train on a seeded random subset of this many examples.", default=None)
     max_eval_samples: int | None = _help("Evaluate on a seeded random subset of this many validation/test "
                                          "examples (whole MultiRC questions are not kept together).", default=None)
+    regression_targets: str = _help(
+        "Regression tasks: 'standardize' starts the head's output at the training labels' mean and measures the "
+        "loss in units of their variance (the first steps then learn the variation, not the mean; predictions "
+        "stay in label units); 'raw' trains on the labels as they are.", default="standardize")
     resume: bool = _help("Continue from the newest checkpoint in output_dir/checkpoints.", default=False)
     overwrite: bool = _help("Start afresh even if output_dir holds checkpoints of an earlier run.", default=False)
 
@@ -149,6 +168,10 @@ class TrainConfig:
         for name in ("max_new_tokens", "max_train_samples", "max_eval_samples"):
             if getattr(self, name) is not None:
                 _check_int(self, name, minimum=1)
+        for name, choices in (("lr_unit", LR_UNITS), ("optimizer", OPTIMIZERS),
+                              ("regression_targets", REGRESSION_TARGETS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}: must be one of {choices}, got {getattr(self, name)!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision: must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
 
@@ -172,7 +195,8 @@ class TrainConfig:
 
 
 # Settings that change the trajectory: a resumed run must use the same ones.
-_TRAJECTORY_FIELDS = ("lr", "lr_low_rank", "lr_ept", "lr_head", "lr_full", "lr_lora", "weight_decay",
+_TRAJECTORY_FIELDS = ("lr", "lr_low_rank", "lr_unit", "optimizer", "regression_targets", "lr_ept", "lr_head",
+                      "lr_full", "lr_lora", "weight_decay",
                       "warmup_ratio", "warmup_steps", "max_grad_norm", "gradient_accumulation_steps",
                       "batch_size", "seed", "mixed_precision", "max_length", "max_train_samples")
 
@@ -364,16 +388,50 @@ def main_metric(spec, metrics: dict[str, float]) -> float:
 
 
 # ============================================================================ optimisation
+def embedding_rms(model) -> float:
+    """Root mean square of the backbone's input word embeddings: the scale of a word vector."""
+    weight = _backbone_of(model).get_input_embeddings().weight.detach()
+    return float(weight.float().pow(2).mean().sqrt())
+
+
+def group_lrs(model, config: TrainConfig) -> dict[str, float]:
+    """The absolute learning rate of each of the model's parameter groups.
+
+    With lr_unit='embedding_rms' the prompt and low-rank rates are fractions of a word vector's scale:
+    AdamW moves every coordinate by about lr per step whatever the parameter's size, so an absolute rate
+    tuned on T5 (embedding RMS in the tens) throws a prompt far off the vocabulary of a backbone whose
+    embeddings are 0.05 in size (MiniLM).
+    """
+    # Adafactor's parameter scaling already makes every rate relative to its parameter's RMS.
+    relative = config.lr_unit == "embedding_rms" and config.optimizer == "adamw"
+    scale = embedding_rms(model) if relative else 1.0
+    return {name: config.group_lr(name) * (scale if name in EMBEDDING_SPACE_GROUPS else 1.0)
+            for name in model.param_groups()}
+
+
 def make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
     groups = []
+    lrs = group_lrs(model, config)
     for name, params in model.param_groups().items():
         params = [p for p in params if p.requires_grad]
         if params:
-            groups.append({"params": params, "lr": config.group_lr(name), "name": name,
-                           "weight_decay": config.weight_decay})
+            groups.append({"params": params, "lr": lrs[name], "name": name, "weight_decay": config.weight_decay})
     if not groups:
         raise ValueError("the model has no trainable parameters")
+    if config.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # Parameter scaling without relative steps: each group keeps its own (scheduled) rate, which
+        # Adafactor multiplies by the RMS of the parameter it updates (Lester et al.'s setting).
+        return Adafactor(groups, scale_parameter=True, relative_step=False, warmup_init=False)
     return torch.optim.AdamW(groups)
+
+
+def regression_head_bias(model) -> nn.Parameter | None:
+    """The one trainable scalar bias of a regression head (num_labels = 1), or None if there is not exactly one."""
+    found = [p for name, p in model.named_parameters()
+             if p.requires_grad and name.endswith("bias") and p.numel() == 1]
+    return found[0] if len(found) == 1 else None
 
 
 def make_scheduler(optimizer, config: TrainConfig):
@@ -562,6 +620,8 @@ class Trainer:
             "max_length": text_max_length(model, config),
             **(run_info or {}),
         }
+        self.loss_scale = self._standardize_regression(model)
+        self.run_info["lr_absolute"] = {k: float(f"{v:.4g}") for k, v in group_lrs(model, config).items()}
         self.optimizer = make_optimizer(model, config)
         self.scheduler = make_scheduler(self.optimizer, config)
         self.model, self.optimizer = acc.prepare(model, self.optimizer)
@@ -583,6 +643,21 @@ class Trainer:
         self.tokens_seen = 0
         self.step_times: list[float] = []
         self.bar = None
+
+    def _standardize_regression(self, model) -> float:
+        """Regression with regression_targets='standardize': put the head's bias at the training mean
+        and return 1 / variance, the factor that measures the loss in units of the label spread."""
+        if (not self.spec.is_regression or model.task_type != "classification"
+                or self.config.regression_targets != "standardize"):
+            return 1.0
+        labels = torch.tensor([float(r["labels"]) for r in self.rows["train"]])
+        bias = regression_head_bias(model)
+        if bias is None or len(labels) < 2:
+            logger.warning("regression_targets='standardize': no single regression-head bias found; training on raw labels")
+            return 1.0
+        with torch.no_grad():
+            bias.fill_(float(labels.mean()))
+        return 1.0 / max(float(labels.var()), 1e-12)
 
     # -------------------------------------------------------------- helpers
     @property
@@ -739,7 +814,7 @@ class Trainer:
         ctx = _nullcontext() if sync else self.accelerator.no_sync(self.model)
         with ctx:
             with self.accelerator.autocast():
-                loss = self.model(**inputs).loss
+                loss = self.model(**inputs).loss * self.loss_scale
             self.accelerator.backward(loss * scale)
         return float(loss.detach()), int(batch["attention_mask"].sum())
 
