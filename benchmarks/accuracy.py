@@ -92,19 +92,18 @@ LR_GRID = {
     "full": [{"--lr-full": 1e-4}],
     "ptuning": [{"--lr": 2e-2, **HEAD_LR}, {"--lr": 2e-1, **HEAD_LR}],
 }
-# tune: EPT's own modules (fusion, projection, gate), changed one at a time from the selected EPT
-# recipe. By default they train at the low-rank rate and start so that EPT computes exactly DePT.
-EPT_TUNING = [("ept", {"--lr-ept": 1e-2}), ("ept", {"--lr-ept": 3e-2})]
-# recipe: the choices other than the rate, each changed alone from the selected recipe.
+# tune: EPT's own modules (fusion, projection, gate), changed from the selected EPT recipe. By default
+# they train at the low-rank rate and start so that EPT computes exactly DePT.
+# Each variant: (method, options changed from its selected recipe, tasks or None for SELECT_TASKS).
+EPT_TUNING = [("ept", {"--lr-ept": 1e-2}, None)]
+# recipe: the choices other than the rate, each changed alone from the selected recipe. A generic
+# instruction (not tuned per task) for text initialisation.
 INIT_TEXT = "Read the text and decide the answer."
 RECIPE_VARIANTS = [
-    ("pt", {"--init": "text", "--init-text": INIT_TEXT}),
-    ("ept", {"--init": "text", "--init-text": INIT_TEXT}),
-    ("pt", {"--optimizer": "adafactor", "--lr": 0.3}),
-    ("ept", {"--optimizer": "adafactor", "--lr": 0.3, "--lr-low-rank": 0.03}),
-    ("ept", {"--warmup-ratio": 0}),
-    ("ept", {"--lr-head": 3e-3}),
-    ("ept", {"--regression-targets": "raw"}),
+    ("pt", {"--init": "text", "--init-text": INIT_TEXT}, None),
+    ("ept", {"--optimizer": "adafactor", "--lr": 0.3, "--lr-low-rank": 0.03}, None),
+    ("ept", {"--regression-targets": "raw"}, ("stsb",)),
+    ("pt", {"--regression-targets": "raw"}, ("stsb",)),
 ]
 
 
@@ -240,10 +239,11 @@ def run_cells(cells, csv_path: Path, args) -> None:
             future.result()  # re-raise the first failure (the other cells still finish and are kept)
 
 
-def _variant_cells(csv_path: Path, methods_variants, tasks, seeds, budget) -> list[tuple]:
-    """Cells (task, method, seed, options) of `methods_variants` not yet in `csv_path` at `budget`."""
+def _variant_cells(csv_path: Path, variants, seeds, budget) -> list[tuple]:
+    """Cells (task, method, seed, options) of `variants` [(method, options, tasks)] not yet in `csv_path`
+    at `budget`."""
     done = {(r["task"], r["method"], r["seed"], r["lr"]) for r in read_rows(csv_path) if budget_of(r) == budget}
-    return [(task, method, seed, lr) for seed in seeds for method, lr in methods_variants for task in tasks
+    return [(task, method, seed, lr) for seed in seeds for method, lr, tasks in variants for task in tasks
             if (task, method, str(seed), lr_key(lr)) not in done]
 
 
@@ -253,19 +253,20 @@ def run_phase(phase, args) -> None:
     budget = budget_args(args)
     methods = args.methods or (MAIN_METHODS + EXTRA_METHODS if phase != "ablation" else ABLATIONS)
     if phase == "select":
-        cells = _variant_cells(select_csv, [(m, lr) for m in methods for lr in LR_GRID[m]], args.select_tasks,
+        cells = _variant_cells(select_csv, [(m, lr, args.select_tasks) for m in methods for lr in LR_GRID[m]],
                                [0], budget)
         return run_cells(cells, select_csv, args)
     chosen = selected_lrs(select_csv, budget)
     if phase in ("tune", "recipe"):
         variants = []
-        for method, changes in (EPT_TUNING if phase == "tune" else RECIPE_VARIANTS):
+        for method, changes, tasks in (EPT_TUNING if phase == "tune" else RECIPE_VARIANTS):
             if method not in chosen:
                 print(f"[accuracy] skip {method}: no learning rate selected yet at this budget (run --phase select)")
                 continue
-            variants.append((method, {**chosen[method], **changes}))
+            tasks = [t for t in args.select_tasks if tasks is None or t in tasks]
+            variants.append((method, {**chosen[method], **changes}, tasks))
         path = args.results_dir / ("ept_tuning.csv" if phase == "tune" else "recipe.csv")
-        return run_cells(_variant_cells(path, variants, args.select_tasks, args.seeds, budget), path, args)
+        return run_cells(_variant_cells(path, variants, args.seeds, budget), path, args)
     done = {(r["task"], r["method"], r["seed"]) for r in read_rows(final_csv) if budget_of(r) == budget}
     # A selection run is the same command as the final run of its seed: reuse it instead of rerunning,
     # but only one run at this very budget (steps, eval steps, batch).
@@ -583,7 +584,8 @@ def main(argv=None) -> None:
     phases = ("select", "final", "ablation") if args.phase == "all" else (args.phase,)
     for phase in phases:
         run_phase(phase, args)
-    report(args)
+    if any(budget_of(r) == budget_args(args) for r in read_rows(args.results_dir / "accuracy.csv")):
+        report(args)
 
 
 if __name__ == "__main__":

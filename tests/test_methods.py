@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -116,6 +117,20 @@ def test_gradients_reach_every_ept_part():
     (prompt.pow(2).sum() + offset.pow(2).sum()).backward()
     for name, p in ept.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_random_module_init_makes_every_projection_weight_learn_from_the_first_step():
+    ept, dept = _ept_and_dept(module_init="random")
+    bound = 1 / math.sqrt(D)
+    assert ept.projection.V.abs().max() <= bound and ept.projection.V.abs().min() < bound / 10
+    assert float(ept.projection.V.detach().std()) == pytest.approx(bound / math.sqrt(3), rel=0.15)  # uniform(-b, b): std b/sqrt(3)
+    prompt, _ = ept()
+    assert not torch.equal(prompt, dept()[0])  # no longer DePT at initialisation
+    (prompt.pow(2).sum()).backward()
+    assert ept.projection.U.grad.abs().sum() > 0  # with V = 0, U's first gradient is exactly zero
+    zero, _ = _ept_and_dept()
+    zero()[0].pow(2).sum().backward()
+    assert zero.projection.U.grad.abs().sum() == 0
 
 
 def test_gate_weights_start_uniform():

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 PROMPT_INITS = ("sample_vocab", "text", "random")
 POOLINGS = ("mean", "backbone", "text_first")
+MODULE_INITS = ("zero", "random")
 
 
 def _help(text: str, **kwargs) -> Any:
@@ -113,6 +114,10 @@ class EPTConfig(DePTConfig):
     )
     num_subspaces: int = _help("Number N of projection subspaces (0 switches multi-space projection off).", default=4)
     subspace_rank: int = _help("Rank p of each subspace projection U_k (d x p) V_k (p x d).", default=4)
+    module_init: str = _help(
+        "Start of the projection's V_k: 'zero' (EPT at initialisation computes exactly DePT; U_k gets no "
+        "gradient until V_k has moved) or 'random' (V_k drawn like U_k, so every subspace is active from "
+        "the first step).", default="zero")
 
     def validate(self) -> None:
         super().validate()
@@ -122,6 +127,8 @@ class EPTConfig(DePTConfig):
         _check_nonnegative_int(self, "num_subspaces")
         if self.num_subspaces:
             _check_positive_int(self, "subspace_rank")
+        if self.module_init not in MODULE_INITS:
+            raise ValueError(f"module_init: must be one of {MODULE_INITS}, got {self.module_init!r}")
 
 
 CONFIG_CLASSES: dict[str, type[PromptTuningConfig]] = {

@@ -5,7 +5,8 @@
     P_out            = P_f + sum_k w[:, k] * P_f U_k V_k            (projection, w = softmax(gate(P_f)))
 
 Every weight that touches the prompt starts at zero (g_f, V_k), so at initialisation EPT computes
-exactly what DePT computes. Nothing here depends on the input text: the prompt side of a trained
+exactly what DePT computes (EPTConfig(module_init="random") starts V_k non-zero instead). Nothing
+here depends on the input text: the prompt side of a trained
 adapter folds into two constant tensors (`PromptedModel.compile`).
 """
 
@@ -43,12 +44,14 @@ class PromptFusion(nn.Module):
 class MultiSpaceProjection(nn.Module):
     """N low-rank maps X U_k V_k, mixed per prompt token by a softmax gate."""
 
-    def __init__(self, dim: int, num_subspaces: int, rank: int):
+    def __init__(self, dim: int, num_subspaces: int, rank: int, init: str = "zero"):
         super().__init__()
         self.U = nn.Parameter(torch.empty(num_subspaces, dim, rank))
         self.V = nn.Parameter(torch.zeros(num_subspaces, rank, dim))  # zero: no change at start
         # LoRA's A initialisation, one subspace at a time (fan-in = dim).
         nn.init.uniform_(self.U, -1 / math.sqrt(dim), 1 / math.sqrt(dim))
+        if init == "random":  # active from the first step (and no longer DePT at initialisation)
+            nn.init.uniform_(self.V, -1 / math.sqrt(dim), 1 / math.sqrt(dim))
         self.gate = nn.Linear(dim, num_subspaces)
         # A zero gate starts every token at uniform weights 1/N, so `eptkit info` can show what it learned.
         nn.init.zeros_(self.gate.weight)
@@ -69,7 +72,8 @@ class EPT(DePT):
         d = word_embeddings.weight.shape[1]
         self.fusion = PromptFusion(d, config.fusion_rank) if config.fusion else None
         self.projection = (
-            MultiSpaceProjection(d, config.num_subspaces, config.subspace_rank) if config.num_subspaces else None
+            MultiSpaceProjection(d, config.num_subspaces, config.subspace_rank, config.module_init)
+            if config.num_subspaces else None
         )
 
     def fused_prompt(self, offset: torch.Tensor) -> torch.Tensor:
