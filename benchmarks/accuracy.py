@@ -101,9 +101,9 @@ EPT_TUNING = [("ept", {"--lr-ept": 1e-2}, None)]
 INIT_TEXT = "Read the text and decide the answer."
 RECIPE_VARIANTS = [
     ("pt", {"--init": "text", "--init-text": INIT_TEXT}, None),
+    ("ept", {"--init": "text", "--init-text": INIT_TEXT}, None),
     ("ept", {"--optimizer": "adafactor", "--lr": 0.3, "--lr-low-rank": 0.03}, None),
     ("ept", {"--regression-targets": "raw"}, ("stsb",)),
-    ("pt", {"--regression-targets": "raw"}, ("stsb",)),
 ]
 
 
@@ -260,6 +260,8 @@ def run_phase(phase, args) -> None:
     if phase in ("tune", "recipe"):
         variants = []
         for method, changes, tasks in (EPT_TUNING if phase == "tune" else RECIPE_VARIANTS):
+            if args.only and not any(args.only in option for option in changes):
+                continue
             if method not in chosen:
                 print(f"[accuracy] skip {method}: no learning rate selected yet at this budget (run --phase select)")
                 continue
@@ -595,6 +597,8 @@ def main(argv=None) -> None:
     run.add_argument("--data-dir", type=Path, default=default_data_dir)
     run.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "accuracy")
     run.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    run.add_argument("--only", default=None,
+                     help="recipe/tune phases: only the variants that change an option whose name contains this")
     run.add_argument("--jobs", type=int, default=1,
                      help="runs at a time (separate processes; e.g. --jobs 2 --threads 1 on 2 cores, or 8 on one GPU)")
     again = sub.add_parser("rerun", help="re-run one recorded row from its command and compare the scores")
