@@ -3,7 +3,7 @@
 The method is documented in docs/method.md of the repository.
 """
 
-from .adapters import AdapterError
+from .adapter_files import AdapterError
 from .config import DePTConfig, EPTConfig, PromptTuningConfig, TrainConfig
 from .metrics import compute_metrics
 from .model import PromptedModel, export_peft, get_prompted_model, load_adapter, save_adapter

@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     _quiet_libraries()
-    from .adapters import AdapterError
+    from .adapter_files import AdapterError
     from .tasks.errors import DataError
 
     try:

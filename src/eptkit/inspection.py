@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterError, read_json, read_safetensors
+from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, AdapterError, read_json, read_safetensors
 from .config import CONFIG_CLASSES
 from .methods import build_method
 from .runs import read_run_info

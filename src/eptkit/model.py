@@ -15,7 +15,7 @@ Adapters live in `self.adapters` (a ModuleDict keyed by name, "default" unless t
 so several adapters can share one frozen backbone; the prompt and offset pass through
 `_embed` as batch tensors, which is where per-row adapter selection will plug in.
 
-Saving and loading go through `eptkit.adapters` (the file formats): `save_adapter`,
+Saving and loading go through `eptkit.adapter_files` (the file formats): `save_adapter`,
 `load_adapter` and `export_peft` below turn a PromptedModel into (config, tensors) and back.
 """
 
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from .adapters import AdapterError, read_adapter, write_adapter, write_peft_prompt_tuning
+from .adapter_files import AdapterError, read_adapter, write_adapter, write_peft_prompt_tuning
 from .backbones import backbone_facts, check_positions
 from .config import PromptTuningConfig
 from .heads import apply_head, classification_loss, find_head_name, pool

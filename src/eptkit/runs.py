@@ -14,7 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .adapters import CONFIG_NAME, AdapterError
+from .adapter_files import CONFIG_NAME, AdapterError
 from .backbones import load_backbone, resolve_model_path
 from .batching import subsample, text_max_length
 from .checkpoint import CHECKPOINTS_DIR, checkpoint_dirs

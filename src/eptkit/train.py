@@ -49,6 +49,7 @@ from .optim import group_lrs, make_optimizer, make_scheduler, standardize_regres
 from .runs import LOG_NAME, RESULTS_NAME, prepare_output_dir
 from .tasks.formatting import MODEL_INPUT_KEYS, Collator
 from .tasks.registry import get_task
+from .trainable import TrainableModel
 from .version import __version__
 
 logger = logging.getLogger("eptkit")
@@ -59,7 +60,7 @@ __all__ = ["TrainConfig", "Trainer", "train"]
 class Trainer:
     """One training run. `train()` is the functional entry point; this class holds the run's state."""
 
-    def __init__(self, model, tokenizer, task, data, config: TrainConfig, *, run_info: dict | None = None,
+    def __init__(self, model: TrainableModel, tokenizer, task, data, config: TrainConfig, *, run_info: dict | None = None,
                  callbacks: list[Callable[[dict], None]] | None = None, accelerator=None):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
@@ -83,7 +84,7 @@ class Trainer:
         for split in ("train", "validation"):
             if split not in data:
                 raise ValueError(f"the data has no {split!r} split (found {list(data)})")
-        self.rows = encode_splits(data, self.spec, tokenizer, model, config)
+        self.encoded = encode_splits(data, self.spec, tokenizer, model, config)  # split -> tokenized rows
         self.run_info = {
             "task": self.spec.name,
             "task_spec": dataclasses.asdict(self.spec) if self.spec.benchmark == "custom" else None,
@@ -98,7 +99,7 @@ class Trainer:
         self.optimizer = make_optimizer(model, config)
         self.scheduler = make_scheduler(self.optimizer, config)
         self.model, self.optimizer = acc.prepare(model, self.optimizer)
-        self.plan = BatchPlan(len(self.rows["train"]), config.batch_size, acc.num_processes, acc.process_index,
+        self.plan = BatchPlan(len(self.encoded["train"]), config.batch_size, acc.num_processes, acc.process_index,
                               config.seed)
         self.collate = Collator(tokenizer, model.task_type)
         self.state = RunState()  # saved and restored with every checkpoint
@@ -111,7 +112,7 @@ class Trainer:
         if (not self.spec.is_regression or model.task_type != "classification"
                 or self.config.regression_targets != "standardize"):
             return 1.0
-        return standardize_regression(model, [float(r["labels"]) for r in self.rows["train"]])
+        return standardize_regression(model, [float(r["labels"]) for r in self.encoded["train"]])
 
     # -------------------------------------------------------------- helpers
     @property
@@ -147,7 +148,7 @@ class Trainer:
 
     # -------------------------------------------------------------- evaluation
     def evaluate(self, split: str = "validation") -> dict[str, float]:
-        return evaluate_rows(self.unwrapped, self.tokenizer, self.spec, self.rows[split],
+        return evaluate_rows(self.unwrapped, self.tokenizer, self.spec, self.encoded[split],
                              batch_size=self.config.eval_batch_size, accelerator=self.accelerator,
                              max_new_tokens=self.config.max_new_tokens)
 
@@ -165,8 +166,8 @@ class Trainer:
         return False
 
     # -------------------------------------------------------------- one step
-    def _forward_backward(self, rows: list[int], scale: float, sync: bool) -> tuple[float, int]:
-        batch = self.collate([self.rows["train"][i] for i in rows])
+    def _forward_backward(self, indices: list[int], scale: float, sync: bool) -> tuple[float, int]:
+        batch = self.collate([self.encoded["train"][i] for i in indices])
         inputs = {k: v.to(self.accelerator.device) for k, v in batch.items() if k in MODEL_INPUT_KEYS}
         # Gradients are all-reduced between processes only on the last micro-batch of a step.
         with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model):
@@ -215,7 +216,7 @@ class Trainer:
             self.report.print(f"step {s.step}/{cfg.max_steps}  loss {loss:.4f}  "
                         f"lr {' '.join(f'{k}={v:.2e}' for k, v in lrs.items())}  {dt:.3f} s/step")
         stop = False
-        has_validation = len(self.rows.get("validation", [])) > 0
+        has_validation = len(self.encoded.get("validation", [])) > 0
         if has_validation and (s.step == cfg.max_steps or (cfg.eval_steps and s.step % cfg.eval_steps == 0)):
             metrics = self.evaluate("validation")
             record["eval"] = {"validation": metrics, "improved": self._maybe_improve(metrics)}
@@ -257,8 +258,8 @@ class Trainer:
                     losses, tokens = [], 0
                     n_micro = cfg.gradient_accumulation_steps
                     for micro in range(n_micro):
-                        rows = self.plan.rows(s.epoch, s.batch)
-                        loss, n_tokens = self._forward_backward(rows, 1.0 / n_micro, sync=micro == n_micro - 1)
+                        indices = self.plan.rows(s.epoch, s.batch)
+                        loss, n_tokens = self._forward_backward(indices, 1.0 / n_micro, sync=micro == n_micro - 1)
                         losses.append(loss)
                         tokens += n_tokens
                         s.epoch, s.batch = self.plan.advance(s.epoch, s.batch)
@@ -303,7 +304,7 @@ class Trainer:
             model.save_pretrained(self.output_dir)
         acc.wait_for_everyone()
         test_metrics = None
-        if len(self.rows.get("test", [])) > 0:
+        if len(self.encoded.get("test", [])) > 0:
             test_metrics = self.evaluate("test")
             self.report.print(f"test ({self.spec.name}, best step {s.best_step}): "
                         + ", ".join(f"{k} {v:.2f}" for k, v in test_metrics.items()))
@@ -336,7 +337,7 @@ def _results(trainer: Trainer, stopped_early: bool, test_metrics: dict | None) -
         "peak_memory_mb": _peak_memory_mb(acc.device),
         "num_processes": acc.num_processes,
         "device": str(acc.device),
-        "num_examples": {k: len(v) for k, v in trainer.rows.items()},
+        "num_examples": {k: len(v) for k, v in trainer.encoded.items()},
         "config": {"train": trainer.config.to_dict(), "method": trainer._checkpoint_meta()["method_config"],
                    "run": trainer.run_info},
         "versions": _versions(),
@@ -425,7 +426,7 @@ def _peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def train(model, tokenizer, task, data, config: TrainConfig | None = None, *, run_info: dict | None = None,
+def train(model: TrainableModel, tokenizer, task, data, config: TrainConfig | None = None, *, run_info: dict | None = None,
           callbacks: list[Callable[[dict], None]] | None = None, accelerator=None) -> dict:
     """Train `model` (a PromptedModel or an `eptkit.baselines` wrapper) on `task` and return the results.
 
