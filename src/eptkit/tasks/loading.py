@@ -1,6 +1,6 @@
 """Train / validation / test splits: the prompt-tuning literature's protocol, k-shot, users' files.
 
-Protocol (Compacter, ATTEMPT and DePT; SPEC 4), with a split seed independent of the training seed:
+Protocol (Compacter, ATTEMPT and DePT; docs/method.md, "Tasks, splits and metrics"), with a split seed independent of the training seed:
 
 * small tasks (CoLA, STS-B, MRPC, RTE, MultiRC, BoolQ, WiC, WSC, CB): the original validation set
   is shuffled; the first n // 2 examples are `validation`, the other n - n // 2 are `test`; `train`
