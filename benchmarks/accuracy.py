@@ -301,7 +301,7 @@ def majority_scores(task: str, seeds, data_dir: Path) -> list[float]:
     from eptkit.metrics import compute_metrics
     from eptkit.tasks import load_task
     from eptkit.tasks.registry import get_task
-    from eptkit.train import subsample
+    from eptkit.batching import subsample
 
     spec, data = get_task(task), load_task(task, data_dir)
     labels = data["train"]["label"]

@@ -35,7 +35,7 @@ def module_shares(run_dir: Path) -> dict:
 
     from eptkit import PromptedModel
     from eptkit.baselines import build_model
-    from eptkit.cli import load_backbone
+    from eptkit.backbones import load_backbone
     from eptkit.tasks.registry import get_task
 
     saved = json.loads((run_dir / "adapter_config.json").read_text())

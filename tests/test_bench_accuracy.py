@@ -135,7 +135,7 @@ def test_majority_row_scores_a_constant_prediction(tmp_path):
     from sklearn.metrics import accuracy_score, f1_score
 
     from eptkit.tasks import load_task
-    from eptkit.train import subsample
+    from eptkit.batching import subsample
 
     data = load_task("cb", DATA)
     train_labels = list(data["train"]["label"])

@@ -21,9 +21,12 @@ from transformers import (AutoTokenizer, BertConfig, BertModel, GPT2Config, GPT2
 from conftest import minilm_path
 from eptkit import DePTConfig, EPTConfig, PromptedModel, PromptTuningConfig, get_prompted_model
 from eptkit.baselines import build_model
-from eptkit.cli import load_backbone
+from eptkit.backbones import load_backbone
 from eptkit.tasks.registry import get_task
-from eptkit.train import BatchPlan, TrainConfig, checkpoint_dirs, train
+from eptkit.batching import BatchPlan
+from eptkit.checkpoint import checkpoint_dirs
+from eptkit.config import TrainConfig
+from eptkit.train import train
 
 WORDS = ("the cat dog sat ran on a mat red blue big small house tree river quickly slowly happy sad "
          "man woman child saw ate old new").split()
@@ -190,7 +193,7 @@ def test_relative_rates_scale_the_embedding_space_groups_by_the_word_embedding_r
 def test_adafactor_keeps_each_group_rate_relative_to_its_parameter(tiny_models):
     from transformers.optimization import Adafactor
 
-    from eptkit.train import make_optimizer
+    from eptkit.optim import make_optimizer
 
     model, _ = make_model(tiny_models["bert"], "dept")
     optimizer = make_optimizer(model, TrainConfig(optimizer="adafactor", lr=0.3, lr_low_rank=0.01))
@@ -219,7 +222,8 @@ def synthetic_stsb(n=40, seed=0):
 def test_standardized_regression_starts_the_head_at_the_label_mean(tiny_models, tmp_path, method):
     import statistics
 
-    from eptkit.train import Trainer, regression_head_bias
+    from eptkit.optim import regression_head_bias
+    from eptkit.train import Trainer
 
     data = synthetic_stsb()
     labels = list(data["train"]["label"])

@@ -1,18 +1,21 @@
-"""eptkit: Efficient Prompt Tuning (EPT), DePT and prompt tuning for Hugging Face transformers."""
+"""eptkit: Efficient Prompt Tuning (EPT), DePT and prompt tuning for Hugging Face transformers.
 
-__version__ = "0.1.0"
+The method is documented in docs/method.md of the repository.
+"""
 
-from .config import DePTConfig, EPTConfig, PromptTuningConfig  # noqa: E402
-from .model import PromptedModel, get_prompted_model  # noqa: E402
-from .adapters import AdapterError, export_peft, load_adapter, save_adapter  # noqa: E402
-from .metrics import compute_metrics  # noqa: E402
-from .tasks import TASKS, DataError, TaskSpec, load_files, load_task  # noqa: E402
+from .adapter_files import AdapterError
+from .config import DePTConfig, EPTConfig, PromptTuningConfig, TrainConfig
+from .metrics import compute_metrics
+from .model import PromptedModel, export_peft, get_prompted_model, load_adapter, save_adapter
+from .tasks import TASKS, DataError, TaskSpec, load_files, load_task
+from .version import __version__
 
 __all__ = [
     "__version__",
     "PromptTuningConfig",
     "DePTConfig",
     "EPTConfig",
+    "TrainConfig",
     "PromptedModel",
     "get_prompted_model",
     "AdapterError",

@@ -1,15 +1,5 @@
-"""Comparison methods (SPEC 1.4) behind the same small interface as `PromptedModel`.
-
-The training loop (`eptkit.train`) only needs, from any model it trains:
-
-    task_type                 "classification", "seq2seq" or "causal"
-    max_length                source-length limit in tokens, or None
-    forward(input_ids, attention_mask, labels=None, token_type_ids=None) -> output with .loss/.logits
-    generate(input_ids, attention_mask, **kw)   new tokens only (text-to-text models)
-    param_groups()            {group name: [trainable parameters]}; the loop gives each group its lr
-    num_parameters(trainable_only=True)
-    adapter_state_dict() / load_adapter_state_dict(state)   the trainable tensors (checkpoints)
-    save_pretrained(directory)
+"""Comparison methods (docs/method.md, "Comparison methods") behind the same contract as
+`PromptedModel`: `eptkit.trainable.TrainableModel`, the members the training loop uses.
 
 Four wrappers provide it:
 
@@ -23,7 +13,7 @@ Four wrappers provide it:
   paper's table. PEFT's own pipeline end to end, including its pooling (the backbone's, e.g. BERT's
   [CLS] pooler), so these rows measure PEFT as users get it. Groups: `prompt`, `head`.
 - `HeadOnlyModel`: a linear probe. The encoder is frozen and *mean-pooled over the text tokens* (the
-  pooling the prompt methods use by default on encoders, SPEC 2), then the backbone's own
+  pooling the prompt methods use by default on encoders), then the backbone's own
   classifier (a trainable copy, as for the prompt methods). Group `head`. Classification only.
 
 `build_model` picks a wrapper (or a `PromptedModel`) from a method name.
@@ -39,47 +29,34 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from . import __version__
-from .adapters import atomic_save_safetensors, atomic_write_json
-from .config import METHODS, PEFT_PROMPT_METHODS, PROMPT_METHODS
-from .model import apply_head, classification_loss, detect_task_type, find_head_name, mean_pool
+from .config import METHOD_NAMES, PEFT_PROMPT_METHODS, PROMPT_METHODS
+from .files import atomic_save_safetensors, atomic_write_json
+from .heads import apply_head, classification_loss, find_head_name, mean_pool
+from .task_types import PEFT_TASK_TYPES, detect_task_type
+from .trainable import AdapterStateMixin
+from .version import __version__
 
 BASELINE_CONFIG_NAME = "eptkit_baseline.json"
 
 
-class _Wrapper(nn.Module):
+class _Wrapper(AdapterStateMixin, nn.Module):
     """Shared plumbing: the wrapped module is `self.inner`; the trainable tensors are named as in it."""
 
-    method = "baseline"
+    method_name = "baseline"
+    method_config = None  # no prompt method: the text length comes from TrainConfig.max_length
     max_length = None
 
-    def num_parameters(self, trainable_only: bool = True, exclude_embeddings: bool = False) -> int:
-        # exclude_embeddings: accepted because transformers.Trainer calls num_parameters(exclude_embeddings=True).
-        if trainable_only:
-            return sum(p.numel() for ps in self.param_groups().values() for p in ps)
-        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
-
-    def _trainable_named(self) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in self.inner.named_parameters() if p.requires_grad}
+    @property
+    def backbone(self) -> nn.Module:
+        return self.inner
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in self._trainable_named().items()}
-
-    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        expected = self._trainable_named()
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"trainable tensors do not match the model: missing {missing}, unexpected {unexpected}")
-        with torch.no_grad():
-            for name, p in expected.items():
-                if tuple(state[name].shape) != tuple(p.shape):
-                    raise ValueError(f"tensor {name!r} has shape {tuple(state[name].shape)}, expected {tuple(p.shape)}")
-                p.copy_(state[name].to(p.dtype))
+        return {n: p.detach() for n, p in self.inner.named_parameters() if p.requires_grad}
 
     def _write_info(self, directory: Path, **extra) -> None:
         atomic_write_json(
             directory / BASELINE_CONFIG_NAME,
-            {"method": self.method, "task_type": self.task_type, "eptkit_version": __version__, **extra},
+            {"method": self.method_name, "task_type": self.task_type, "eptkit_version": __version__, **extra},
         )
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, token_type_ids=None, **kwargs):
@@ -107,8 +84,7 @@ class _PeftWrapper(_Wrapper):
     def peft_task_type(task_type: str):
         from peft import TaskType
 
-        return {"classification": TaskType.SEQ_CLS, "seq2seq": TaskType.SEQ_2_SEQ_LM,
-                "causal": TaskType.CAUSAL_LM}[task_type]
+        return TaskType[PEFT_TASK_TYPES[task_type]]
 
     def param_groups(self):
         adapter, head = [], []
@@ -125,7 +101,7 @@ class _PeftWrapper(_Wrapper):
 
 
 class LoRAModel(_PeftWrapper):
-    method = "lora"
+    method_name = "lora"
     group, adapter_marker = "lora", "lora_"
 
     def __init__(self, model: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0.0, target_modules=None):
@@ -157,7 +133,7 @@ class PeftPromptModel(_PeftWrapper):
             raise ValueError(f"method: expected 'ptuning' or 'prefix', got {method!r}")
         if isinstance(num_virtual_tokens, bool) or not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
             raise ValueError(f"prompt_length: must be a positive integer, got {num_virtual_tokens!r}")
-        self.method = method
+        self.method_name = method
         self.task_type = detect_task_type(model)
         if method == "prefix" and self.task_type == "classification":
             # PEFT hands the prefixes to the backbone as `past_key_values`; encoder classifiers in
@@ -190,7 +166,7 @@ def _accepts_past_key_values(model: nn.Module) -> bool:
 
 
 class FullFineTuneModel(_Wrapper):
-    method = "full"
+    method_name = "full"
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -212,7 +188,7 @@ class FullFineTuneModel(_Wrapper):
 class HeadOnlyModel(_Wrapper):
     """Linear probe: frozen encoder, mean pooling over the text tokens, trainable classifier head."""
 
-    method = "head"
+    method_name = "head"
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -253,7 +229,7 @@ class HeadOnlyModel(_Wrapper):
 
 def build_model(model: nn.Module, method: str, method_config=None, *, tokenizer=None, lora_r: int = 8,
                 num_virtual_tokens: int = 20):
-    """Wrap a loaded backbone for `method` (one of METHODS). Prompt methods need `method_config`;
+    """Wrap a loaded backbone for `method` (one of METHOD_NAMES). Prompt methods need `method_config`;
     `num_virtual_tokens` is for PEFT's P-tuning and prefix tuning."""
     if method in PROMPT_METHODS:
         from .model import get_prompted_model
@@ -269,5 +245,5 @@ def build_model(model: nn.Module, method: str, method_config=None, *, tokenizer=
         return FullFineTuneModel(model)
     if method == "head":
         return HeadOnlyModel(model)
-    raise ValueError(f"method: unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    raise ValueError(f"method: unknown method {method!r}; expected one of {', '.join(METHOD_NAMES)}")
 

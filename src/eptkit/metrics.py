@@ -1,4 +1,4 @@
-"""Task metrics (SPEC 4), computed with scikit-learn and scipy.
+"""Task metrics (docs/method.md, "Tasks, splits and metrics"), computed with scikit-learn and scipy.
 
 All scores are on a 0-100 scale (accuracy 87.5, not 0.875; correlations times 100), as benchmark
 tables print them.

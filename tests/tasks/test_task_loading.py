@@ -1,4 +1,4 @@
-"""The split protocol of SPEC 4 on the real files in shared/data (skipping tasks whose files are absent)."""
+"""The split protocol of docs/method.md ("Tasks, splits and metrics") on the real files in shared/data (skipping tasks whose files are absent)."""
 
 import json
 from collections import Counter

@@ -8,11 +8,13 @@ from .dept import DePT
 from .ept import EPT
 from .prompt_tuning import PromptTuning
 
-METHODS = {"pt": PromptTuning, "dept": DePT, "ept": EPT}
+# Method name -> the nn.Module implementing it (the names of every trainable method, baselines
+# included, are `eptkit.config.METHOD_NAMES`).
+METHOD_CLASSES = {"pt": PromptTuning, "dept": DePT, "ept": EPT}
 
 
 def build_method(config: PromptTuningConfig, word_embeddings: nn.Embedding, init_token_ids=None) -> nn.Module:
-    return METHODS[config.method](config, word_embeddings, init_token_ids)
+    return METHOD_CLASSES[config.method](config, word_embeddings, init_token_ids)
 
 
-__all__ = ["METHODS", "build_method", "PromptTuning", "DePT", "EPT", "DePTConfig", "EPTConfig", "PromptTuningConfig"]
+__all__ = ["METHOD_CLASSES", "build_method", "PromptTuning", "DePT", "EPT", "DePTConfig", "EPTConfig", "PromptTuningConfig"]

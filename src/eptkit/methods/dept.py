@@ -1,4 +1,4 @@
-"""DePT (Shi & Lipani, 2024; SPEC 1.2): a short prompt plus a low-rank offset to the word embeddings.
+"""DePT (Shi & Lipani, 2024; docs/method.md, "DePT"): a short prompt plus a low-rank offset to the word embeddings.
 
 The offset D = (alpha / sqrt(r)) * A @ B has one row per source position (max_length rows); the
 model adds row i to the embedding of the i-th real token of each text.

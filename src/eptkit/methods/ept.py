@@ -1,4 +1,4 @@
-"""EPT (Lan et al., AAAI 2025; SPEC 1.3): DePT's decomposition, prompt fusion, multi-space projection.
+"""EPT (Lan et al., AAAI 2025; docs/method.md, "EPT"): DePT's decomposition, prompt fusion, multi-space projection.
 
     P_s, D           = DePT's short prompt and offset               (decomposition)
     P_f              = P_s + g_f * softmax(P_s K^T / sqrt(d)) K     (fusion, K = [P_s ; D])
@@ -7,7 +7,7 @@
 Every weight that touches the prompt starts at zero (g_f, V_k), so at initialisation EPT computes
 exactly what DePT computes (EPTConfig(module_init="random") starts V_k non-zero instead). Nothing
 here depends on the input text: the prompt side of a trained
-adapter folds into two constant tensors (`PromptedModel.compile`).
+adapter folds into two constant tensors (`PromptedModel.fold_prompt`; docs/method.md, "Compiling").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Prompt tuning (Lester et al., 2021; SPEC 1.1): a trainable prompt P (l x d) before the text."""
+"""Prompt tuning (Lester et al., 2021; docs/method.md, "Prompt tuning"): a trainable prompt P (l x d) before the text."""
 
 from __future__ import annotations
 

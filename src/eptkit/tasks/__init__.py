@@ -1,4 +1,4 @@
-"""Tasks, data and splits (SPEC 4): the 13 GLUE/SuperGLUE tasks, users' files, tokenization.
+"""Tasks, data and splits (docs/method.md, "Tasks, splits and metrics"): the 13 GLUE/SuperGLUE tasks, users' files, tokenization.
 
     registry.py    TaskSpec and TASKS: fields, label names/words, templates, metrics per task
     sources.py     the original splits from local files (strict parsing) or the Hub

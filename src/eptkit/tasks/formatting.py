@@ -30,12 +30,12 @@ from typing import Any
 import datasets
 import torch
 
+from ..task_types import TASK_TYPES
 from .errors import DataError
 from .registry import TaskSpec, get_task
 
 logger = logging.getLogger("eptkit")
 
-TASK_TYPES = ("classification", "seq2seq", "causal")
 # Keys a model's forward() takes. Everything else in a batch (reference, source_input_ids,
 # source_attention_mask, question_id) is evaluation metadata the training loop pops first.
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels")

@@ -1,6 +1,6 @@
 """Train / validation / test splits: the prompt-tuning literature's protocol, k-shot, users' files.
 
-Protocol (Compacter, ATTEMPT and DePT; SPEC 4), with a split seed independent of the training seed:
+Protocol (Compacter, ATTEMPT and DePT; docs/method.md, "Tasks, splits and metrics"), with a split seed independent of the training seed:
 
 * small tasks (CoLA, STS-B, MRPC, RTE, MultiRC, BoolQ, WiC, WSC, CB): the original validation set
   is shuffled; the first n // 2 examples are `validation`, the other n - n // 2 are `test`; `train`
@@ -145,7 +145,8 @@ _FORMATS = {".csv": ",", ".tsv": "\t", ".tab": "\t", ".jsonl": "jsonl", ".ndjson
 _AUTO_TEXT = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("question", "passage"), ("text",), ("sentence",))
 
 
-def _read_any(path) -> list[tuple[int, dict]]:
+def read_rows(path) -> list[tuple[int, dict]]:
+    """(line number, row) of a user's .csv, .tsv or .jsonl file, by its suffix."""
     path = Path(path)
     fmt = _FORMATS.get(path.suffix.lower())
     if fmt is None:
@@ -207,7 +208,7 @@ def load_files(train, validation=None, test=None, *, text_columns: tuple[str, ..
     regression (main: their average).
     """
     paths = {"train": train, "validation": validation, "test": test}
-    records = {split: _read_any(p) for split, p in paths.items() if p is not None}
+    records = {split: read_rows(p) for split, p in paths.items() if p is not None}
     first = records["train"][0][1]
     if text_columns is None:
         text_columns = next((c for c in _AUTO_TEXT if all(k in first for k in c)), None)

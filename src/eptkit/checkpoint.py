@@ -1,0 +1,162 @@
+"""Checkpoints: everything needed to continue a run exactly where it stopped.
+
+checkpoints/step-NNNNNN/ holds
+  trainable.safetensors   the trainable tensors now          best.safetensors   the best ones so far
+  optimizer.pt            optimizer, scheduler (and fp16 grad-scaler) state, read back weights_only=True
+  rng-R.pt                the RNG states of process R (dropout differs per process)
+  trainer_state.json      `RunState` (data position, best metric, timings), the configs and method
+A checkpoint is written into a temporary directory and renamed, so it exists completely or not at
+all; only the newest `save_total_limit` are kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from .config import TRAJECTORY_FIELDS, TrainConfig
+from .files import atomic_save_safetensors, atomic_torch_save, atomic_write_json, fsync_dir
+
+CHECKPOINTS_DIR = "checkpoints"
+
+
+@dataclass
+class RunState:
+    """Where a run is and the best it has seen: what a checkpoint saves besides tensors and RNG."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0  # data position of the next micro-batch (`BatchPlan`)
+    batch: int = 0
+    best_metric: float | None = None  # validation main metric of the best evaluation so far
+    best_step: int | None = None
+    best_metrics: dict | None = None
+    bad_evals: int = 0  # evaluations since the last improvement (early stopping)
+    train_time: float = 0.0
+    step_times: list[float] = field(default_factory=list)
+    tokens_seen: int = 0
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunState":
+        known = {f.name for f in dataclasses.fields(cls)}
+        state = cls(**{k: v for k, v in data.items() if k in known})
+        state.step_times = list(state.step_times)
+        return state
+
+
+# ---------------------------------------------------------------------------- RNG
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    s = state["numpy"]
+    np.random.set_state(("MT19937", s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"],
+                         s["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------- save / load
+def checkpoint_dirs(output_dir) -> list[Path]:
+    """The run's checkpoint directories, oldest first."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def save_checkpoint(output_dir: Path, state: RunState, *, accelerator, trainable, best, optimizer, scheduler,
+                    rng: dict | None, meta: dict, keep: int) -> Path:
+    """Write checkpoints/step-N/ (every process calls this; only the main one writes the shared files).
+
+    trainable, best: tensors (main process; best may be None). meta: what trainer_state.json records
+    besides `state` (configs, method). keep: how many checkpoints to keep.
+    """
+    acc = accelerator
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    final = root / f"step-{state.step:06d}"
+    tmp = root / f".tmp-step-{state.step:06d}"
+    if acc.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    acc.wait_for_everyone()
+    atomic_torch_save(rng or rng_state(), tmp / f"rng-{acc.process_index}.pt")
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        atomic_save_safetensors(tmp / "trainable.safetensors", trainable)
+        if best is not None:
+            atomic_save_safetensors(tmp / "best.safetensors", best)
+        opt = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        if getattr(acc, "scaler", None) is not None:
+            opt["scaler"] = acc.scaler.state_dict()
+        atomic_torch_save(opt, tmp / "optimizer.pt")
+        atomic_write_json(tmp / "trainer_state.json",
+                          {**dataclasses.asdict(state), "num_processes": acc.num_processes, **meta})
+        fsync_dir(tmp)
+        if final.exists():  # re-saving a step after a resume: replace it
+            trash = root / f".old-{final.name}"
+            os.replace(final, trash)
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        fsync_dir(root)
+        for old in checkpoint_dirs(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(directory: Path, *, accelerator, config: TrainConfig, meta: dict, model, optimizer,
+                    scheduler) -> tuple[RunState, dict | None]:
+    """Restore model tensors, optimizer, scheduler and this process's RNG from `directory`; return the
+    run state and the best tensors. A checkpoint of other settings (`meta`: method and its config) or
+    another number of processes is refused: the resumed run could not equal an uninterrupted one."""
+    acc = accelerator
+    saved = json.loads((directory / "trainer_state.json").read_text())
+    if saved.get("num_processes", 1) != acc.num_processes:
+        raise ValueError(f"{directory}: checkpoint was written by {saved['num_processes']} process(es); "
+                         f"resume with the same number (now {acc.num_processes})")
+    saved_config = saved.get("config", {})
+    changed = [k for k in TRAJECTORY_FIELDS if k in saved_config and saved_config[k] != getattr(config, k)]
+    if changed:
+        diffs = ", ".join(f"{k}={saved_config[k]!r} (now {getattr(config, k)!r})" for k in changed)
+        raise ValueError(f"{directory}: cannot resume with different settings: {diffs}")
+    if saved.get("method_config") != meta["method_config"] or saved.get("method") != meta["method"]:
+        raise ValueError(f"{directory}: checkpoint is of method {saved.get('method')!r} with "
+                         f"{saved.get('method_config')}; the model now is {meta['method']!r} with "
+                         f"{meta['method_config']}")
+    model.load_adapter_state_dict(load_file(str(directory / "trainable.safetensors")))
+    best_path = directory / "best.safetensors"
+    best = load_file(str(best_path)) if best_path.is_file() else None
+    opt = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    if "scaler" in opt and getattr(acc, "scaler", None) is not None:
+        acc.scaler.load_state_dict(opt["scaler"])
+    set_rng_state(torch.load(directory / f"rng-{acc.process_index}.pt", map_location="cpu", weights_only=True))
+    return RunState.from_dict(saved), best

@@ -1,0 +1,96 @@
+"""The contract between the training loop and the models it trains, written down once.
+
+`eptkit.train` trains anything that satisfies `TrainableModel`: a `PromptedModel` (PT, DePT, EPT) or
+one of the comparison wrappers of `eptkit.baselines` (LoRA, P-tuning, prefix tuning, full
+fine-tuning, linear probe). The loop, evaluation and checkpointing use these members and nothing
+else, so a new kind of model trains by providing them.
+
+`AdapterStateMixin` holds the two implementations the models share: counting parameters and loading
+the trainable tensors back (checkpoints, the best adapter of a run).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from .config import PromptTuningConfig
+
+
+@runtime_checkable
+class TrainableModel(Protocol):
+    task_type: str
+    """'classification', 'seq2seq' or 'causal' (`eptkit.task_types.TASK_TYPES`)."""
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The Hugging Face model underneath (a PEFT model for PEFT's methods): its config names the
+        checkpoint and its input embeddings set the scale of the prompt's learning rate."""
+
+    @property
+    def method_name(self) -> str:
+        """The method's name, one of `eptkit.config.METHOD_NAMES` ('ept', 'lora', ...)."""
+
+    @property
+    def method_config(self) -> PromptTuningConfig | None:
+        """The prompt method's config (it sets the text length and occupies positions); None for baselines."""
+
+    @property
+    def max_length(self) -> int | None:
+        """The longest text in tokens the model accepts on its own (DePT/EPT's offset rows), or None."""
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by learning-rate group; keys are `eptkit.config.LR_FIELDS` names."""
+
+    def num_parameters(self, trainable_only: bool = True, exclude_embeddings: bool = False) -> int: ...
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors, by name (what a checkpoint stores)."""
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+    def save_pretrained(self, directory) -> None:
+        """Write the trained model in its own format (the best adapter of a run)."""
+
+    def __call__(self, input_ids=None, attention_mask=None, labels=None, token_type_ids=None, **kwargs):
+        """An output with `.loss` (given labels) and `.logits`, like a transformers model."""
+
+    def generate(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
+        """New tokens only (seq2seq and causal models); a classifier raises TypeError."""
+
+
+class AdapterStateMixin:
+    """`num_parameters` and `load_adapter_state_dict` for nn.Modules that define `param_groups`,
+    `adapter_state_dict` and `backbone`."""
+
+    def num_parameters(self, trainable_only: bool = True, exclude_embeddings: bool = False) -> int:
+        """Trainable parameters, or with trainable_only=False every parameter including the backbone.
+        `exclude_embeddings` (asked by transformers.Trainer) leaves out the frozen word embeddings."""
+        if trainable_only:
+            return sum(p.numel() for ps in self.param_groups().values() for p in ps)
+        total = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+        if exclude_embeddings:
+            total -= self._frozen_embedding_count()
+        return total
+
+    def _frozen_embedding_count(self) -> int:
+        return 0
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load tensors named as in `adapter_state_dict`; missing, extra or misshapen tensors are an error."""
+        expected = self.adapter_state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"adapter tensors do not match the model: missing {missing}, unexpected {unexpected}")
+        for name, tensor in state.items():
+            if tuple(tensor.shape) != tuple(expected[name].shape):
+                raise ValueError(
+                    f"adapter tensor {name!r} has shape {tuple(tensor.shape)}, the model expects "
+                    f"{tuple(expected[name].shape)} (different backbone or hyper-parameters?)"
+                )
+        with torch.no_grad():
+            for name, target in expected.items():
+                target.copy_(state[name].to(target.dtype))
