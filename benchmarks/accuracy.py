@@ -99,7 +99,13 @@ EPT_TUNING = [("ept", {"--lr-ept": 1e-2}, None)]
 # recipe: the choices other than the rate, each changed alone from the selected recipe. A generic
 # instruction (not tuned per task) for text initialisation.
 INIT_TEXT = "Read the text and decide the answer."
+TEXT_INIT = {"--init": "text", "--init-text": INIT_TEXT}
 RECIPE_VARIANTS = [
+    # benchmarks/fresh_prompt.py: an untrained instruction prompt with the text at its own positions
+    # leaves the frozen features better than no prompt; a sampled-vocabulary prompt in PEFT's layout
+    # ruins them. First whether that start survives training, then each half alone.
+    ("pt", {**TEXT_INIT, "--text-positions": "own"}, None),
+    ("ept", {**TEXT_INIT, "--text-positions": "own"}, None),
     ("pt", {"--init": "text", "--init-text": INIT_TEXT}, None),
     ("ept", {"--init": "text", "--init-text": INIT_TEXT}, None),
     ("ept", {"--optimizer": "adafactor", "--lr": 0.3, "--lr-low-rank": 0.03}, None),

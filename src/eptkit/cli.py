@@ -77,7 +77,7 @@ def _opt(name: str) -> str:
 # ============================================================================ train
 # Option -> (dataclass, field) for method hyper-parameters. `max_length` is shared with TrainConfig.
 _METHOD_FIELDS = ("prompt_length", "init", "init_text", "pooling", "rank", "max_length", "alpha", "fusion",
-                  "fusion_rank", "num_subspaces", "subspace_rank", "module_init")
+                  "fusion_rank", "num_subspaces", "subspace_rank", "module_init", "text_positions")
 # Non-dataclass options of `train` (name -> default), also valid recipe keys.
 _TRAIN_EXTRA = {"task": None, "method": "ept", "model": None, "data_dir": None, "task_type": "auto", "k_shot": None,
                 "train_file": None, "validation_file": None, "test_file": None, "text_columns": None,

@@ -93,6 +93,9 @@ class PromptedModel(AdapterStateMixin, nn.Module):
         if name in self.adapters:
             raise ValueError(f"adapter_name: an adapter named {name!r} exists already")
         check_positions(self.backbone, config)
+        if config.text_positions != "after_prompt" and self.task_type != "classification":
+            raise ValueError(f"text_positions: {config.text_positions!r} is for sequence classifiers; a "
+                             f"{self.task_type} model places the text after the prompt ('after_prompt')")
         if self.task_type == "classification" and config.pooling is None:
             # Mean pooling is the default for encoders: with the backbone's own head, which reads
             # position 0 (a virtual token), prompt tuning collapsed to one class (docs/method.md, "Pooling").
@@ -259,12 +262,20 @@ class PromptedModel(AdapterStateMixin, nn.Module):
             model_kwargs["token_type_ids"] = torch.cat(
                 [token_type_ids.new_zeros(token_type_ids.shape[0], n_prompt), token_type_ids], dim=1
             )
+        if self.config.text_positions == "own":
+            # The text at the positions it has without a prompt (0, 1, ...; from the mask for decoder-only
+            # classifiers, as below); the prompt keeps 0..l-1. A fresh prompt then disturbs the frozen
+            # features far less (benchmarks/fresh_prompt.py).
+            text = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0) if hasattr(self.backbone, "score") \
+                else torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+            prompt = torch.arange(n_prompt, device=input_ids.device).expand(input_ids.shape[0], -1)
+            model_kwargs["position_ids"] = torch.cat([prompt, text], dim=1)
         if self.pooling == "backbone" and not hasattr(self.backbone, "score"):
             # Encoder heads read position 0 (the first virtual token), exactly as PEFT does.
             return self.backbone(inputs_embeds=inputs_embeds, attention_mask=mask, labels=labels, **model_kwargs)
 
         base = self.backbone.base_model
-        if hasattr(self.backbone, "score"):
+        if hasattr(self.backbone, "score") and "position_ids" not in model_kwargs:
             model_kwargs["position_ids"] = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
         hidden = base(inputs_embeds=inputs_embeds, attention_mask=mask, **model_kwargs).last_hidden_state
         pooled = pool(hidden, mask, n_prompt, self.pooling)
@@ -357,6 +368,9 @@ def export_peft(model: PromptedModel, directory):
     """Write the active PT adapter in PEFT's prompt-tuning format (loadable by `PeftModel.from_pretrained`)."""
     if model.config.method != "pt":
         raise ValueError(f"export to PEFT: only prompt tuning ('pt') has a PEFT equivalent, not {model.config.method!r}")
+    if model.config.text_positions != "after_prompt":
+        raise ValueError(f"export to PEFT: this adapter uses text_positions={model.config.text_positions!r}; "
+                         "PEFT only reproduces text_positions='after_prompt'")
     if model.task_type == "classification" and model.pooling != "backbone":
         raise ValueError(
             f"export to PEFT: this adapter uses pooling={model.pooling!r}; PEFT only reproduces pooling='backbone'"
