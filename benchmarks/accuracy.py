@@ -117,6 +117,10 @@ def _fmt(value) -> str:
     return f"{value:g}" if isinstance(value, (int, float)) else str(value)
 
 
+def _quoted(value) -> str:
+    return shlex.quote(_fmt(value))
+
+
 def _parse(text: str):
     try:
         return float(text)
@@ -126,11 +130,11 @@ def _parse(text: str):
 
 def lr_key(lr: dict) -> str:
     """A candidate's options as one string ("--lr 0.02 --lr-head 0.01"): the CSV's `lr` column."""
-    return " ".join(f"{k} {_fmt(v)}" for k, v in sorted(lr.items()))
+    return " ".join(f"{k} {_quoted(v)}" for k, v in sorted(lr.items()))
 
 
 def parse_lr_key(key: str) -> dict:
-    parts = key.split()
+    parts = shlex.split(key)
     return {parts[i]: _parse(parts[i + 1]) for i in range(0, len(parts), 2)}
 
 
@@ -179,7 +183,7 @@ def command_for(task, method, seed, lr: dict, steps, eval_steps, data_dir, out_d
 
 
 def run_dir_name(task, method, seed, lr, opts) -> str:
-    tag = lr_key(lr).replace(" ", "").replace("--", "_")
+    tag = "".join(c for c in lr_key(lr).replace("--", "_") if c.isalnum() or c in "._-")
     return f"{task}-{method}-s{seed}-b{opts.steps}x{opts.batch_size}e{opts.eval_steps}-{tag}"
 
 
