@@ -175,3 +175,15 @@ def test_runs_of_different_methods_equal_separate_runs(kind, tmp_path):
                              for seed, name in enumerate(configs)])
     for name in configs:
         _assert_same_run(tmp_path / "joint" / name, tmp_path / "alone" / name, step=3)
+
+
+@needs_data
+def test_multirun_benchmark_runs(tmp_path):
+    from conftest import load_benchmark
+
+    out = tmp_path / "multirun.md"
+    summary = load_benchmark("multirun").main(["--k", "2", "--steps", "2", "--batch-size", "2", "--repeats", "1",
+                                               "--prompt-length", "4", "--max-length", "32", "--data-dir", str(DATA),
+                                               "--output", str(out)])
+    assert summary["ratio"] > 0 and "Speed-up" in out.read_text()
+    assert summary["rows"][0]["state_bytes_per_run"] > 0
