@@ -12,8 +12,10 @@ differ only in what the backbone is asked for:
   [source ; target] matches `generate`, where generated tokens never receive an offset.
 
 Adapters live in `self.adapters` (a ModuleDict keyed by name, "default" unless told otherwise),
-so several adapters can share one frozen backbone; the prompt and offset pass through
-`_embed` as batch tensors, which is where per-row adapter selection will plug in.
+so several adapters can share one frozen backbone; `set_adapter` picks the one a plain call uses,
+and `model(..., adapter_names=[...])` / `generate(..., adapter_names=[...])` run each row of a
+batch through its own adapter (`eptkit.mixed`). `load_adapter(prompted_model, dir, adapter_name=...)`
+adds a saved adapter to a model that has others.
 
 Saving and loading go through `eptkit.adapter_files` (the file formats): `save_adapter`,
 `load_adapter` and `export_peft` below turn a PromptedModel into (config, tensors) and back.
@@ -34,6 +36,7 @@ from .backbones import backbone_facts, check_positions
 from .config import PromptTuningConfig
 from .heads import apply_head, classification_loss, find_head_name, pool
 from .methods import build_method
+from .mixed import add_offset, mixed_forward, mixed_generate_inputs
 from .task_types import detect_task_type
 from .trainable import AdapterStateMixin
 
@@ -203,20 +206,7 @@ class PromptedModel(AdapterStateMixin, nn.Module):
         embeds = self.word_embeddings(input_ids)
         batch = input_ids.shape[0]
         if offset is not None:
-            real = attention_mask.bool() if offset_mask is None else attention_mask.bool() & offset_mask
-            positions = attention_mask.long().cumsum(dim=1) - 1
-            # Only a padded width beyond max_length can hold a too-late token; checking the width
-            # first spares the GPU a host sync on every step.
-            too_long = real & (positions >= offset.shape[0]) if input_ids.shape[1] > offset.shape[0] else None
-            if too_long is not None and too_long.any():
-                row = int(too_long.any(dim=1).nonzero()[0])
-                length = int(real[row].sum())
-                raise ValueError(
-                    f"input row {row} has {length} tokens, more than max_length={offset.shape[0]} that this "
-                    "adapter's offset covers; truncate the text or use an adapter with a larger max_length"
-                )
-            rows = offset[positions.clamp(0, offset.shape[0] - 1)]  # batch x n x d
-            embeds = embeds + (rows * real.unsqueeze(-1)).to(embeds.dtype)
+            embeds = add_offset(embeds, attention_mask, offset, offset_mask)
         prompts = prompt.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
         inputs_embeds = torch.cat([prompts, embeds], dim=1)
         prompt_mask = attention_mask.new_ones(batch, prompt.shape[0])
@@ -229,12 +219,16 @@ class PromptedModel(AdapterStateMixin, nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        adapter_names: list[str] | None = None,
         **kwargs: Any,
     ):
+        """adapter_names: one adapter name per row (a mixed batch, `eptkit.mixed`); default: the active adapter."""
         for unsupported in ("inputs_embeds", "position_ids", "past_key_values"):
             if kwargs.get(unsupported) is not None:
                 raise ValueError(f"{unsupported}: not supported; pass input_ids and attention_mask")
             kwargs.pop(unsupported, None)
+        if adapter_names is not None:
+            return mixed_forward(self, adapter_names, input_ids, attention_mask, labels, token_type_ids, **kwargs)
         if self.task_type == "classification":
             return self._forward_classification(input_ids, attention_mask, labels, token_type_ids, **kwargs)
         if self.task_type == "seq2seq":
@@ -285,12 +279,17 @@ class PromptedModel(AdapterStateMixin, nn.Module):
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 adapter_names: list[str] | None = None, **kwargs):
         """Generate with the prompt in front. Returns the new tokens only (for decoder-only models
-        the input is not repeated, as with `generate(inputs_embeds=...)`); the key/value cache is used."""
+        the input is not repeated, as with `generate(inputs_embeds=...)`); the key/value cache is used.
+        adapter_names: one adapter per row (a mixed batch); default: the active adapter."""
         if self.task_type == "classification":
             raise TypeError("generate: a sequence classifier does not generate; call the model for logits")
-        inputs_embeds, mask = self._embed(input_ids, attention_mask)
+        if adapter_names is not None:
+            inputs_embeds, mask = mixed_generate_inputs(self, adapter_names, input_ids, attention_mask)
+        else:
+            inputs_embeds, mask = self._embed(input_ids, attention_mask)
         return self.backbone.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)
 
     # ------------------------------------------------------------------ compile / save / load
@@ -347,21 +346,38 @@ def save_adapter(model: PromptedModel, directory, *, compiled: bool | None = Non
 
 
 def load_adapter(model: nn.Module, directory, *, adapter_name: str = "default") -> PromptedModel:
-    """Load an eptkit adapter, a PEFT prompt-tuning adapter, or a DePT checkpoint onto `model`."""
-    files = read_adapter(directory, model)
+    """Load an eptkit adapter, a PEFT prompt-tuning adapter, or a DePT checkpoint onto `model`.
+
+    `model` is a backbone (a new PromptedModel is returned) or a PromptedModel, to which the adapter
+    is added under `adapter_name` beside the ones it has (the active adapter stays active), for
+    mixed batches (`model(..., adapter_names=[...])`)."""
+    existing = model if isinstance(model, PromptedModel) else None
+    files = read_adapter(directory, model.backbone if existing is not None else model)
     if files.compiled:
-        method = CompiledPrompt(files.tensors["prompt_embeddings"], files.tensors.get("offset"))
-        prompted = PromptedModel(model, files.config, adapter_name=adapter_name, method=method)
+        method, build = CompiledPrompt(files.tensors["prompt_embeddings"], files.tensors.get("offset")), files.config
     else:
         # Random init is overwritten by the load; skip text init so no tokenizer is needed.
+        method = None
         build = PromptTuningConfig.from_dict({**files.config.to_dict(), "init": "sample_vocab", "init_text": None})
-        prompted = PromptedModel(model, build, adapter_name=adapter_name)
-        prompted.configs[adapter_name] = files.config
+    if existing is None:
+        prompted = PromptedModel(model, build, adapter_name=adapter_name, method=method)
+        active = adapter_name
+    else:
+        prompted, active = existing, existing.active_adapter
+        prompted.add_adapter(adapter_name, build, method=method)
+        prompted.set_adapter(adapter_name)
+    prompted.configs[adapter_name] = files.config
     try:
         prompted.load_adapter_state_dict(files.tensors)
     except ValueError as e:
+        if existing is not None:
+            prompted.set_adapter(active)
+            for table in (prompted.adapters, prompted.heads, prompted.configs):
+                if adapter_name in table:
+                    del table[adapter_name]
         raise AdapterError(f"{files.weights_path}: {e}") from None
-    return prompted.eval() if files.compiled else prompted
+    prompted.set_adapter(active)
+    return prompted.eval() if files.compiled and existing is None else prompted
 
 
 def export_peft(model: PromptedModel, directory):
