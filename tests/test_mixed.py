@@ -23,10 +23,11 @@ def _randomize(prompted, name, seed):
                 p.add_(torch.randn(p.shape, generator=g) * 0.2)
 
 
-def _four_adapters(backbone, pooling=None, second_pooling=None):
+def _four_adapters(backbone, pooling=None, second_pooling=None, dept_positions="after_prompt"):
     """PT, DePT and EPT with different prompt lengths and ranks, and EPT compiled, on one backbone."""
     model = get_prompted_model(backbone, PromptTuningConfig(prompt_length=3, pooling=pooling), adapter_name="pt")
-    model.add_adapter("dept", DePTConfig(prompt_length=5, rank=2, max_length=16, pooling=second_pooling or pooling))
+    model.add_adapter("dept", DePTConfig(prompt_length=5, rank=2, max_length=16, pooling=second_pooling or pooling,
+                                         text_positions=dept_positions))
     model.add_adapter("ept", EPTConfig(prompt_length=2, rank=3, max_length=16, num_subspaces=2, subspace_rank=2,
                                        fusion_rank=2, module_init="random", pooling=pooling))
     for seed, name in enumerate(("pt", "dept", "ept")):
@@ -72,7 +73,8 @@ def _rows(inputs, row):
     (tiny_roberta, "backbone", "mean"), (tiny_llama_classifier, None, None),
 ])
 def test_classification_rows_match_their_adapter_alone(make_model, pooling, second, random_ids):
-    model = _four_adapters(make_model(), pooling, second)
+    # DePT's text keeps its own positions (text_positions='own') while the others follow their prompts.
+    model = _four_adapters(make_model(), pooling, second, dept_positions="own")
     ids, mask = _batch(random_ids)
     inputs = {"input_ids": ids, "attention_mask": mask}
     if make_model is tiny_bert:

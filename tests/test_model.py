@@ -251,6 +251,17 @@ def test_text_keeps_its_own_positions(random_ids):
     assert not torch.allclose(shifted(input_ids=ids, attention_mask=mask).logits, expected, atol=1e-3)
 
 
+def test_own_text_positions_follow_the_backbones_numbering():
+    from eptkit.backbones import own_text_positions
+
+    mask = torch.tensor([[1, 1, 1, 0]])
+    # RoBERTa numbers a text from padding_idx + 1 = 2; BERT from 0; a decoder-only classifier counts real tokens.
+    assert own_text_positions(tiny_roberta(), mask, 2).tolist() == [[2, 3, 2, 3, 4, 5]]
+    assert own_text_positions(tiny_bert(), mask, 2).tolist() == [[0, 1, 0, 1, 2, 3]]
+    left = torch.tensor([[0, 1, 1, 1]])
+    assert own_text_positions(tiny_llama_classifier(), left, 2).tolist() == [[0, 1, 0, 0, 1, 2]]
+
+
 def test_own_text_positions_are_for_classifiers_only():
     with pytest.raises(ValueError, match="text_positions"):
         get_prompted_model(tiny_gpt2(), PromptTuningConfig(prompt_length=2, text_positions="own"))

@@ -26,6 +26,7 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .heads import apply_head, classification_loss, pool
+from .backbones import first_position, own_text_positions
 
 
 def add_offset(embeds, attention_mask, offset, offset_mask=None):
@@ -184,6 +185,19 @@ def _classify(model, adapter_names, input_ids, attention_mask, labels, token_typ
         model_kwargs["token_type_ids"] = x.token_type_ids
     if decoder:
         model_kwargs["position_ids"] = _positions(x.attention_mask)
+    own = [(name, idx) for name, idx in x.groups if model.configs[name].text_positions == "own"]
+    if own:  # those rows' text at the positions it has without a prompt, as PromptedModel does alone
+        width, n = x.inputs_embeds.shape[1], input_ids.shape[1]
+        positions = model_kwargs.get("position_ids")
+        if positions is None:  # what the backbone would number the other rows
+            start = first_position(backbone)
+            positions = torch.arange(start, start + width, device=input_ids.device).expand(input_ids.shape[0], -1)
+        positions = positions.clone()
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        for name, idx in own:
+            m = model.configs[name].prompt_length
+            positions[idx, :m + n] = own_text_positions(backbone, mask[idx], m)
+        model_kwargs["position_ids"] = positions
     poolings = {name: model.configs[name].pooling for name, _ in x.groups}
     # Encoder heads with 'backbone' pooling read position 0 (the first virtual token) through the
     # backbone's own pooler: run the whole backbone with a head that sends each row to its adapter's.

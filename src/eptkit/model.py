@@ -32,7 +32,7 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .adapter_files import AdapterError, read_adapter, write_adapter, write_peft_prompt_tuning
-from .backbones import backbone_facts, check_positions
+from .backbones import backbone_facts, check_positions, own_text_positions
 from .config import PromptTuningConfig
 from .heads import apply_head, classification_loss, find_head_name, pool
 from .methods import build_method
@@ -257,13 +257,10 @@ class PromptedModel(AdapterStateMixin, nn.Module):
                 [token_type_ids.new_zeros(token_type_ids.shape[0], n_prompt), token_type_ids], dim=1
             )
         if self.config.text_positions == "own":
-            # The text at the positions it has without a prompt (0, 1, ...; from the mask for decoder-only
-            # classifiers, as below); the prompt keeps 0..l-1. A fresh prompt then disturbs the frozen
-            # features far less (benchmarks/fresh_prompt.py).
-            text = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0) if hasattr(self.backbone, "score") \
-                else torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-            prompt = torch.arange(n_prompt, device=input_ids.device).expand(input_ids.shape[0], -1)
-            model_kwargs["position_ids"] = torch.cat([prompt, text], dim=1)
+            # The text at the positions it has without a prompt; the prompt keeps the first l. A fresh
+            # prompt then disturbs the frozen features far less (benchmarks/fresh_prompt.py).
+            text_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            model_kwargs["position_ids"] = own_text_positions(self.backbone, text_mask, n_prompt)
         if self.pooling == "backbone" and not hasattr(self.backbone, "score"):
             # Encoder heads read position 0 (the first virtual token), exactly as PEFT does.
             return self.backbone(inputs_embeds=inputs_embeds, attention_mask=mask, labels=labels, **model_kwargs)
