@@ -597,7 +597,7 @@ def main(argv=None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     default_data_dir = Path(os.environ.get("EPTKIT_DATA_DIR", ROOT.parent / "shared" / "data"))
     run = sub.add_parser("run", help="run (or resume) the suite")
-    run.add_argument("--phase", choices=("select", "final", "ablation", "tune", "all"), default="all",
+    run.add_argument("--phase", choices=("select", "final", "ablation", "tune", "recipe", "all"), default="all",
                      help="tune: EPT's module learning rate on the selection tasks' validation split (--seeds)")
     run.add_argument("--tasks", type=lambda s: s.split(","), default=None,
                      help=f"default: all seven for final, {','.join(ABLATION_TASKS)} for ablation")
