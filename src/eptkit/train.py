@@ -79,6 +79,7 @@ class Trainer:
         if not self.is_main:  # one copy of the data warnings, not one per process
             logger.setLevel(logging.ERROR)
         self.output_dir = Path(config.output_dir)
+        self.num_threads = _fix_threads() if acc.device.type == "cpu" else torch.get_num_threads()
         set_seed(config.seed)
 
         for split in ("train", "validation"):
@@ -336,6 +337,7 @@ def _results(trainer: Trainer, stopped_early: bool, test_metrics: dict | None) -
         "tokens_per_s": s.tokens_seen / s.train_time if s.train_time else None,
         "peak_memory_mb": _peak_memory_mb(acc.device),
         "num_processes": acc.num_processes,
+        "num_threads": trainer.num_threads,
         "device": str(acc.device),
         "num_examples": {k: len(v) for k, v in trainer.encoded.items()},
         "config": {"train": trainer.config.to_dict(), "method": trainer._checkpoint_meta()["method_config"],
@@ -401,6 +403,21 @@ class _StopFlag:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
         return False
+
+
+def _fix_threads() -> int:
+    """Pin the intra-op thread count, so that how work (and floating-point sums) is split among
+    threads depends on that number alone, never on the machine's load (docs/reproducibility.md).
+
+    torch.set_num_threads also switches MKL's dynamic thread choice off; OpenMP's own (OMP_DYNAMIC)
+    is off unless the environment turns it on, which is warned about."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(n)
+    for var in ("OMP_DYNAMIC", "MKL_DYNAMIC"):
+        if os.environ.get(var, "").strip().lower() in ("true", "1", "yes", "on"):
+            logger.warning("%s=%s lets the thread count follow the machine's load; runs may then differ in "
+                           "their last bits (unset it for bit-identical runs)", var, os.environ[var])
+    return n
 
 
 def _versions() -> dict:
