@@ -44,7 +44,7 @@ from .batching import BatchPlan, encode_splits, text_max_length
 from .checkpoint import RunState, load_checkpoint, rng_state, save_checkpoint
 from .config import TrainConfig
 from .evaluation import evaluate_rows, main_metric
-from .files import atomic_write_json, atomic_write_lines
+from .files import atomic_write_json, atomic_write_lines, round_floats
 from .optim import group_lrs, make_optimizer, make_scheduler, standardize_regression
 from .runs import LOG_NAME, RESULTS_NAME, prepare_output_dir
 from .tasks.formatting import MODEL_INPUT_KEYS, Collator
@@ -85,7 +85,8 @@ class Trainer:
         for split in ("train", "validation"):
             if split not in data:
                 raise ValueError(f"the data has no {split!r} split (found {list(data)})")
-        self.encoded = encode_splits(data, self.spec, tokenizer, model, config)  # split -> tokenized rows
+        self.truncated: dict[str, int] = {}  # split -> rows cut to the text length (results.json)
+        self.encoded = encode_splits(data, self.spec, tokenizer, model, config, self.truncated)  # split -> rows
         self.run_info = {
             "task": self.spec.name,
             "task_spec": dataclasses.asdict(self.spec) if self.spec.benchmark == "custom" else None,
@@ -93,6 +94,9 @@ class Trainer:
             "task_type": model.task_type,
             "backbone": getattr(model.backbone.config, "_name_or_path", None),
             "max_length": text_max_length(model, config),
+            # `eptkit evaluate` scores the same seeded subset of the test split as the run by default
+            "seed": config.seed,
+            "max_eval_samples": config.max_eval_samples,
             **(run_info or {}),
         }
         self.loss_scale = self._standardize_regression(model)
@@ -243,6 +247,8 @@ class Trainer:
             self.load_checkpoint(resume_from)
             s = self.state
             self.report.print(f"resumed from {resume_from} (step {s.step})")
+        elif cfg.resume:
+            self.report.print(f"--resume: no checkpoint in {self.output_dir / 'checkpoints'}; starting a fresh run")
         self.report.open_bar(cfg.max_steps, s.step)
         self._rng_after_step, self._position_after_step = rng_state(), (s.epoch, s.batch)
         self._updating = False
@@ -340,12 +346,13 @@ def _results(trainer: Trainer, stopped_early: bool, test_metrics: dict | None) -
         "num_threads": trainer.num_threads,
         "device": str(acc.device),
         "num_examples": {k: len(v) for k, v in trainer.encoded.items()},
+        "truncated": dict(trainer.truncated),
         "config": {"train": trainer.config.to_dict(), "method": trainer._checkpoint_meta()["method_config"],
                    "run": trainer.run_info},
         "versions": _versions(),
     }
     results["trainable_percent"] = 100.0 * results["trainable_params"] / max(1, results["total_params"])
-    return results
+    return round_floats(results)  # 6 decimals
 
 
 class _Report:
