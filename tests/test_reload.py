@@ -22,7 +22,7 @@ CB_ROWS = [{"premise": "It rained all day.", "hypothesis": "The ground is wet.",
 
 @needs_data
 @pytest.mark.parametrize("method,backbone", [("pt", "bert"), ("dept", "bert"), ("lora", "bert"), ("ptuning", "bert"),
-                                             ("full", "bert"), ("head", "bert"), ("prefix", "t5")])
+                                             ("full", "bert"), ("head", "bert"), ("prefix", "gpt2")])
 def test_every_method_reloads_with_the_scores_it_reported(tiny, tmp_path, capsys, method, backbone):
     run = tmp_path / "run"
     code, out, err = run_cli(small_train_args(tiny[backbone], run, method, steps=2), capsys)
@@ -133,7 +133,7 @@ def test_no_data_dir_offline_suggests_data_dir(tiny, tmp_path, capsys, monkeypat
 def test_help_shows_defaults_and_every_method(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())
     assert "(default: 0.02)" in out and "(default: 100 for pt, 60 for dept, 60 for ept)" in out
     with pytest.raises(SystemExit):
         main(["--help"])

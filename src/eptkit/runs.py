@@ -86,14 +86,14 @@ def load_trained(adapter_dir, *, model: str | None = None, task: str | None = No
     if not adapter_dir.is_dir():
         raise AdapterError(f"{adapter_dir}: adapter directory not found")
     run = read_run_info(adapter_dir)
-    spec = task_spec_for(run, task)
     baseline = read_baseline_info(adapter_dir)
     if baseline is not None:
-        return _load_baseline_run(adapter_dir, baseline, run, spec, model)
+        return _load_baseline_run(adapter_dir, baseline, run, task_spec_for(run, task), model)
     config_path = adapter_dir / CONFIG_NAME
     if not config_path.is_file():
         raise AdapterError(f"{config_path}: not found; not an output directory of `eptkit train` or an adapter")
     saved = read_json(config_path)
+    spec = task_spec_for(run, task)
     if "method" not in saved and "peft_type" not in saved:
         raise AdapterError(f"{config_path}: not an eptkit adapter (no 'method')")
     model_path = resolve_model_path(model or run.get("backbone"))
