@@ -99,16 +99,26 @@ EPT_TUNING = [("ept", {"--lr-ept": 1e-2}, None)]
 # recipe: the choices other than the rate, each changed alone from the selected recipe. A generic
 # instruction (not tuned per task) for text initialisation.
 INIT_TEXT = "Read the text and decide the answer."
+TEXT_INIT = {"--init": "text", "--init-text": INIT_TEXT}
 RECIPE_VARIANTS = [
+    # benchmarks/fresh_prompt.py: an untrained instruction prompt with the text at its own positions
+    # leaves the frozen features better than no prompt; a sampled-vocabulary prompt in PEFT's layout
+    # ruins them. First whether that start survives training, then each half alone.
+    ("pt", {**TEXT_INIT, "--text-positions": "own"}, None),
+    ("ept", {**TEXT_INIT, "--text-positions": "own"}, None),
     ("pt", {"--init": "text", "--init-text": INIT_TEXT}, None),
+    ("ept", {"--init": "text", "--init-text": INIT_TEXT}, None),
     ("ept", {"--optimizer": "adafactor", "--lr": 0.3, "--lr-low-rank": 0.03}, None),
     ("ept", {"--regression-targets": "raw"}, ("stsb",)),
-    ("pt", {"--regression-targets": "raw"}, ("stsb",)),
 ]
 
 
 def _fmt(value) -> str:
     return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+
+
+def _quoted(value) -> str:
+    return shlex.quote(_fmt(value))
 
 
 def _parse(text: str):
@@ -120,11 +130,11 @@ def _parse(text: str):
 
 def lr_key(lr: dict) -> str:
     """A candidate's options as one string ("--lr 0.02 --lr-head 0.01"): the CSV's `lr` column."""
-    return " ".join(f"{k} {_fmt(v)}" for k, v in sorted(lr.items()))
+    return " ".join(f"{k} {_quoted(v)}" for k, v in sorted(lr.items()))
 
 
 def parse_lr_key(key: str) -> dict:
-    parts = key.split()
+    parts = shlex.split(key)
     return {parts[i]: _parse(parts[i + 1]) for i in range(0, len(parts), 2)}
 
 
@@ -173,7 +183,7 @@ def command_for(task, method, seed, lr: dict, steps, eval_steps, data_dir, out_d
 
 
 def run_dir_name(task, method, seed, lr, opts) -> str:
-    tag = lr_key(lr).replace(" ", "").replace("--", "_")
+    tag = "".join(c for c in lr_key(lr).replace("--", "_") if c.isalnum() or c in "._-")
     return f"{task}-{method}-s{seed}-b{opts.steps}x{opts.batch_size}e{opts.eval_steps}-{tag}"
 
 
@@ -196,7 +206,7 @@ def run_cell(task, method, seed, lr, opts) -> dict:
         "batch_size": opts.batch_size,
         "trainable_params": results["trainable_params"], "train_seconds": round(results["train_time_s"], 1),
         "metric": metric, "validation": round(results["validation"][metric], 2),
-        "test": round(results["test"][metric], 2), "lr": lr_key(lr), "command": shlex.join(cmd),
+        "test": round(results["test"][metric], 2), "lr": lr_key(lr), "command": f"OMP_NUM_THREADS={threads} " + shlex.join(cmd),
     }
     print(f"[accuracy]   -> val {row['validation']} test {row['test']} ({time.time() - t0:.0f}s)", flush=True)
     return row
@@ -260,6 +270,8 @@ def run_phase(phase, args) -> None:
     if phase in ("tune", "recipe"):
         variants = []
         for method, changes, tasks in (EPT_TUNING if phase == "tune" else RECIPE_VARIANTS):
+            if args.only and not any(args.only in option for option in changes):
+                continue
             if method not in chosen:
                 print(f"[accuracy] skip {method}: no learning rate selected yet at this budget (run --phase select)")
                 continue
@@ -551,6 +563,34 @@ def _plots(summary: dict, results_dir: Path) -> None:
         plt.close(fig)
 
 
+def rerun(args) -> None:
+    """Re-run one recorded row from its own command and compare its scores with the recorded ones."""
+    rows = [r for r in read_rows(args.results_dir / args.csv)
+            if (r["task"], r["method"], r["seed"]) == (args.task, args.method, str(args.seed))
+            and (args.options is None or r["lr"] == args.options)]
+    if not rows:
+        sys.exit(f"no row for task={args.task} method={args.method} seed={args.seed} in {args.csv}")
+    row = rows[-1]
+    words = shlex.split(row["command"])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    while words and "=" in words[0]:  # leading VAR=value assignments, as a shell would read them
+        name, value = words.pop(0).split("=", 1)
+        env[name] = value
+    out_dir = args.runs_dir / "rerun" / f"{args.task}-{args.method}-s{args.seed}"
+    words[words.index("--output-dir") + 1] = os.path.relpath(out_dir, ROOT)
+    print(f"[accuracy] re-running: {row['command']}", flush=True)
+    subprocess.run([sys.executable, "-m", "eptkit.cli", *words[1:], "--overwrite"], env=env, check=True, cwd=ROOT,
+                   capture_output=True)
+    results = json.loads((out_dir / "results.json").read_text())
+    worst = 0.0
+    for split in ("validation", "test"):
+        new = results[split][row["metric"]]
+        worst = max(worst, abs(new - float(row[split])))
+        print(f"[accuracy] {split}: recorded {float(row[split]):.2f}, re-run {new:.2f}, difference {new - float(row[split]):+.2f}")
+    if worst > args.tolerance:
+        sys.exit(f"re-run differs by {worst:.2f} > {args.tolerance} points")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where the CSVs, table and plots live")
@@ -567,8 +607,18 @@ def main(argv=None) -> None:
     run.add_argument("--data-dir", type=Path, default=default_data_dir)
     run.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "accuracy")
     run.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    run.add_argument("--only", default=None,
+                     help="recipe/tune phases: only the variants that change an option whose name contains this")
     run.add_argument("--jobs", type=int, default=1,
                      help="runs at a time (separate processes; e.g. --jobs 2 --threads 1 on 2 cores, or 8 on one GPU)")
+    again = sub.add_parser("rerun", help="re-run one recorded row from its command and compare the scores")
+    again.add_argument("--task", required=True)
+    again.add_argument("--method", required=True)
+    again.add_argument("--seed", type=int, default=0)
+    again.add_argument("--options", default=None, help="the row's `lr` column, where several rows match")
+    again.add_argument("--csv", default="accuracy.csv", help="which results file holds the row")
+    again.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "accuracy")
+    again.add_argument("--tolerance", type=float, default=0.5, help="largest accepted difference, in points")
     rep = sub.add_parser("report", help="write accuracy.md and the plots from the CSVs")
     rep.add_argument("--data-dir", type=Path, default=default_data_dir,
                      help="task data, for the majority-class reference row (left out if absent)")
@@ -577,6 +627,8 @@ def main(argv=None) -> None:
         p.add_argument("--eval-steps", type=int, default=50, help="validate (and keep the best adapter) this often")
         p.add_argument("--batch-size", type=int, default=16, help="training examples per step (equal for every method)")
     args = parser.parse_args(argv)
+    if args.command == "rerun":
+        return rerun(args)
     if args.command == "report":
         return report(args)
     args.tasks_given = args.tasks is not None

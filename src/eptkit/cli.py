@@ -76,11 +76,11 @@ def _opt(name: str) -> str:
 # ============================================================================ train
 # Option -> (dataclass, field) for method hyper-parameters. `max_length` is shared with TrainConfig.
 _METHOD_FIELDS = ("prompt_length", "init", "init_text", "pooling", "rank", "max_length", "alpha", "fusion",
-                  "fusion_rank", "num_subspaces", "subspace_rank", "module_init")
+                  "fusion_rank", "num_subspaces", "subspace_rank", "module_init", "text_positions")
 # Non-dataclass options of `train` (name -> default), also valid recipe keys.
 _TRAIN_EXTRA = {"task": None, "method": "ept", "model": None, "data_dir": None, "task_type": "auto", "k_shot": None,
                 "train_file": None, "validation_file": None, "test_file": None, "text_columns": None,
-                "label_column": "label", "lora_r": 8, "config": None}
+                "label_column": "label", "lora_r": 8, "config": None, "seeds": None, "sweep": None}
 
 
 def _train_parser(parser: argparse.ArgumentParser):
@@ -125,6 +125,11 @@ def _train_parser(parser: argparse.ArgumentParser):
         g.add_argument(_opt(f.name), type=kind, default=S, help=f"{f.metadata['help']} (default: {f.default})")
     parser.add_argument("--config", default=S, help="Recipe file (JSON or TOML) whose keys are option names; "
                                                     "command-line options override it.")
+    g = parser.add_argument_group("several runs in one process (pt, dept, ept; eptkit.sweep)")
+    g.add_argument("--seeds", default=S, help="Comma-separated seeds (0,1,2): one adapter per seed over one frozen "
+                                              "backbone, each batch holding rows of every run; OUTPUT_DIR/seed-N/.")
+    g.add_argument("--sweep", default=S, help='File (JSON/TOML) {"runs": [{option: value, "name": ...}, ...]}: runs '
+                                              "differing in method, rates or task, trained together; OUTPUT_DIR/NAME/.")
     return train_command
 
 
@@ -239,6 +244,12 @@ def train_command(args: argparse.Namespace) -> int:
     from .train import train
 
     options = resolve_train_options(args)
+    if options.get("seeds") is not None or options.get("sweep"):
+        from .sweep import train_sweep
+
+        for results in train_sweep(options, build_configs=build_configs, load_data=load_data, valid_keys=_valid_keys()):
+            print(json.dumps(_summary(results)))
+        return 0
     method_config, train_config = build_configs(options)
     data, spec = load_data(options, train_config.seed)
     model_path = resolve_model_path(options.get("model"))
@@ -263,12 +274,15 @@ def train_command(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        summary = {"task": results["task"], "method": results["method"], "best_step": results["best_step"],
-                   "validation": results["validation"], "test": results["test"],
-                   "trainable_params": results["trainable_params"], "train_time_s": round(results["train_time_s"], 2),
-                   "output_dir": str(train_config.output_dir)}
-        print(json.dumps(round_floats(summary)))
+        print(json.dumps(round_floats(_summary(results))))
     return 0
+
+
+def _summary(results: dict) -> dict:
+    return {"task": results["task"], "method": results["method"], "best_step": results["best_step"],
+            "validation": results["validation"], "test": results["test"],
+            "trainable_params": results["trainable_params"], "train_time_s": round(results["train_time_s"], 2),
+            "output_dir": str(results["config"]["train"]["output_dir"])}
 
 
 # ============================================================================ evaluate

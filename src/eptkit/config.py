@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 PROMPT_INITS = ("sample_vocab", "text", "random")
 POOLINGS = ("mean", "backbone", "text_first")
+TEXT_POSITIONS = ("after_prompt", "own")
 MODULE_INITS = ("zero", "random")
 
 
@@ -35,6 +36,11 @@ class PromptTuningConfig:
         default="sample_vocab",
     )
     init_text: str | None = _help("Text whose token embeddings initialise the prompt when init='text'.", default=None)
+    text_positions: str = _help(
+        "Sequence classifiers only: 'after_prompt' (PEFT's layout: the prompt takes positions 0..l-1 and the "
+        "text follows at l, l+1, ...) or 'own' (the text keeps the positions it has without a prompt, starting "
+        "at 0, so a backbone with absolute position embeddings sees its text where it was trained to).",
+        default="after_prompt")
     pooling: str | None = _help(
         "Sequence classification only: 'mean' (mean of the text's last hidden states, prompt excluded), "
         "'backbone' (the model's own pooler/head, as PEFT does) or 'text_first' (the text's first token). "
@@ -51,6 +57,8 @@ class PromptTuningConfig:
             raise ValueError(f"init: must be one of {PROMPT_INITS}, got {self.init!r}")
         if self.init == "text" and not self.init_text:
             raise ValueError("init_text: required (a non-empty string) when init='text'")
+        if self.text_positions not in TEXT_POSITIONS:
+            raise ValueError(f"text_positions: must be one of {TEXT_POSITIONS}, got {self.text_positions!r}")
         if self.pooling is not None and self.pooling not in POOLINGS:
             raise ValueError(f"pooling: must be one of {POOLINGS} or None, got {self.pooling!r}")
 

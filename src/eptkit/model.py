@@ -12,8 +12,10 @@ differ only in what the backbone is asked for:
   [source ; target] matches `generate`, where generated tokens never receive an offset.
 
 Adapters live in `self.adapters` (a ModuleDict keyed by name, "default" unless told otherwise),
-so several adapters can share one frozen backbone; the prompt and offset pass through
-`_embed` as batch tensors, which is where per-row adapter selection will plug in.
+so several adapters can share one frozen backbone; `set_adapter` picks the one a plain call uses,
+and `model(..., adapter_names=[...])` / `generate(..., adapter_names=[...])` run each row of a
+batch through its own adapter (`eptkit.mixed`). `load_adapter(prompted_model, dir, adapter_name=...)`
+adds a saved adapter to a model that has others.
 
 Saving and loading go through `eptkit.adapter_files` (the file formats): `save_adapter`,
 `load_adapter` and `export_peft` below turn a PromptedModel into (config, tensors) and back.
@@ -30,10 +32,11 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .adapter_files import AdapterError, read_adapter, write_adapter, write_peft_prompt_tuning
-from .backbones import backbone_facts, check_positions
+from .backbones import backbone_facts, check_positions, own_text_positions
 from .config import PromptTuningConfig
 from .heads import apply_head, classification_loss, find_head_name, pool
 from .methods import build_method
+from .mixed import add_offset, mixed_forward, mixed_generate_inputs
 from .task_types import detect_task_type
 from .trainable import AdapterStateMixin
 
@@ -93,6 +96,9 @@ class PromptedModel(AdapterStateMixin, nn.Module):
         if name in self.adapters:
             raise ValueError(f"adapter_name: an adapter named {name!r} exists already")
         check_positions(self.backbone, config)
+        if config.text_positions != "after_prompt" and self.task_type != "classification":
+            raise ValueError(f"text_positions: {config.text_positions!r} is for sequence classifiers; a "
+                             f"{self.task_type} model places the text after the prompt ('after_prompt')")
         if self.task_type == "classification" and config.pooling is None:
             # Mean pooling is the default for encoders: with the backbone's own head, which reads
             # position 0 (a virtual token), prompt tuning collapsed to one class (docs/method.md, "Pooling").
@@ -200,24 +206,7 @@ class PromptedModel(AdapterStateMixin, nn.Module):
         embeds = self.word_embeddings(input_ids)
         batch = input_ids.shape[0]
         if offset is not None:
-            real = attention_mask.bool() if offset_mask is None else attention_mask.bool() & offset_mask
-            positions = attention_mask.long().cumsum(dim=1) - 1
-            # Only a padded width beyond max_length can hold a too-late token; checking the width
-            # first spares the GPU a host sync on every step.
-            too_long = real & (positions >= offset.shape[0]) if input_ids.shape[1] > offset.shape[0] else None
-            if too_long is not None and too_long.any():
-                row = int(too_long.any(dim=1).nonzero()[0])
-                length = int(real[row].sum())
-                raise ValueError(
-                    f"input row {row} has {length} tokens, more than max_length={offset.shape[0]} that this "
-                    "adapter's offset covers; truncate the text or use an adapter with a larger max_length"
-                )
-            # F.embedding, not offset[positions]: the backward of advanced indexing is index_put_ with
-            # accumulate=True, which on CPU adds rows with parallel atomic float adds (the sum's order,
-            # and so its last bits, varied from run to run with 2+ threads). Embedding's backward sums
-            # each offset row's gradient in token order, whatever the threads (docs/reproducibility.md).
-            rows = nn.functional.embedding(positions.clamp(0, offset.shape[0] - 1), offset)  # batch x n x d
-            embeds = embeds + (rows * real.unsqueeze(-1)).to(embeds.dtype)
+            embeds = add_offset(embeds, attention_mask, offset, offset_mask)
         prompts = prompt.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
         inputs_embeds = torch.cat([prompts, embeds], dim=1)
         prompt_mask = attention_mask.new_ones(batch, prompt.shape[0])
@@ -230,12 +219,16 @@ class PromptedModel(AdapterStateMixin, nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        adapter_names: list[str] | None = None,
         **kwargs: Any,
     ):
+        """adapter_names: one adapter name per row (a mixed batch, `eptkit.mixed`); default: the active adapter."""
         for unsupported in ("inputs_embeds", "position_ids", "past_key_values"):
             if kwargs.get(unsupported) is not None:
                 raise ValueError(f"{unsupported}: not supported; pass input_ids and attention_mask")
             kwargs.pop(unsupported, None)
+        if adapter_names is not None:
+            return mixed_forward(self, adapter_names, input_ids, attention_mask, labels, token_type_ids, **kwargs)
         if self.task_type == "classification":
             return self._forward_classification(input_ids, attention_mask, labels, token_type_ids, **kwargs)
         if self.task_type == "seq2seq":
@@ -263,12 +256,17 @@ class PromptedModel(AdapterStateMixin, nn.Module):
             model_kwargs["token_type_ids"] = torch.cat(
                 [token_type_ids.new_zeros(token_type_ids.shape[0], n_prompt), token_type_ids], dim=1
             )
+        if self.config.text_positions == "own":
+            # The text at the positions it has without a prompt; the prompt keeps the first l. A fresh
+            # prompt then disturbs the frozen features far less (benchmarks/fresh_prompt.py).
+            text_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            model_kwargs["position_ids"] = own_text_positions(self.backbone, text_mask, n_prompt)
         if self.pooling == "backbone" and not hasattr(self.backbone, "score"):
             # Encoder heads read position 0 (the first virtual token), exactly as PEFT does.
             return self.backbone(inputs_embeds=inputs_embeds, attention_mask=mask, labels=labels, **model_kwargs)
 
         base = self.backbone.base_model
-        if hasattr(self.backbone, "score"):
+        if hasattr(self.backbone, "score") and "position_ids" not in model_kwargs:
             model_kwargs["position_ids"] = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
         hidden = base(inputs_embeds=inputs_embeds, attention_mask=mask, **model_kwargs).last_hidden_state
         pooled = pool(hidden, mask, n_prompt, self.pooling)
@@ -278,12 +276,17 @@ class PromptedModel(AdapterStateMixin, nn.Module):
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 adapter_names: list[str] | None = None, **kwargs):
         """Generate with the prompt in front. Returns the new tokens only (for decoder-only models
-        the input is not repeated, as with `generate(inputs_embeds=...)`); the key/value cache is used."""
+        the input is not repeated, as with `generate(inputs_embeds=...)`); the key/value cache is used.
+        adapter_names: one adapter per row (a mixed batch); default: the active adapter."""
         if self.task_type == "classification":
             raise TypeError("generate: a sequence classifier does not generate; call the model for logits")
-        inputs_embeds, mask = self._embed(input_ids, attention_mask)
+        if adapter_names is not None:
+            inputs_embeds, mask = mixed_generate_inputs(self, adapter_names, input_ids, attention_mask)
+        else:
+            inputs_embeds, mask = self._embed(input_ids, attention_mask)
         return self.backbone.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)
 
     # ------------------------------------------------------------------ compile / save / load
@@ -340,21 +343,38 @@ def save_adapter(model: PromptedModel, directory, *, compiled: bool | None = Non
 
 
 def load_adapter(model: nn.Module, directory, *, adapter_name: str = "default") -> PromptedModel:
-    """Load an eptkit adapter, a PEFT prompt-tuning adapter, or a DePT checkpoint onto `model`."""
-    files = read_adapter(directory, model)
+    """Load an eptkit adapter, a PEFT prompt-tuning adapter, or a DePT checkpoint onto `model`.
+
+    `model` is a backbone (a new PromptedModel is returned) or a PromptedModel, to which the adapter
+    is added under `adapter_name` beside the ones it has (the active adapter stays active), for
+    mixed batches (`model(..., adapter_names=[...])`)."""
+    existing = model if isinstance(model, PromptedModel) else None
+    files = read_adapter(directory, model.backbone if existing is not None else model)
     if files.compiled:
-        method = CompiledPrompt(files.tensors["prompt_embeddings"], files.tensors.get("offset"))
-        prompted = PromptedModel(model, files.config, adapter_name=adapter_name, method=method)
+        method, build = CompiledPrompt(files.tensors["prompt_embeddings"], files.tensors.get("offset")), files.config
     else:
         # Random init is overwritten by the load; skip text init so no tokenizer is needed.
+        method = None
         build = PromptTuningConfig.from_dict({**files.config.to_dict(), "init": "sample_vocab", "init_text": None})
-        prompted = PromptedModel(model, build, adapter_name=adapter_name)
-        prompted.configs[adapter_name] = files.config
+    if existing is None:
+        prompted = PromptedModel(model, build, adapter_name=adapter_name, method=method)
+        active = adapter_name
+    else:
+        prompted, active = existing, existing.active_adapter
+        prompted.add_adapter(adapter_name, build, method=method)
+        prompted.set_adapter(adapter_name)
+    prompted.configs[adapter_name] = files.config
     try:
         prompted.load_adapter_state_dict(files.tensors)
     except ValueError as e:
+        if existing is not None:
+            prompted.set_adapter(active)
+            for table in (prompted.adapters, prompted.heads, prompted.configs):
+                if adapter_name in table:
+                    del table[adapter_name]
         raise AdapterError(f"{files.weights_path}: {e}") from None
-    return prompted.eval() if files.compiled else prompted
+    prompted.set_adapter(active)
+    return prompted.eval() if files.compiled and existing is None else prompted
 
 
 def export_peft(model: PromptedModel, directory):
@@ -362,6 +382,9 @@ def export_peft(model: PromptedModel, directory):
     if model.config.method != "pt":
         raise ValueError(f"export to PEFT: only prompt tuning ('pt') has a PEFT equivalent, not "
                          f"{model.config.method!r}; use the compiled format (eptkit export --format compiled)")
+    if model.config.text_positions != "after_prompt":
+        raise ValueError(f"export to PEFT: this adapter uses text_positions={model.config.text_positions!r}; "
+                         "PEFT only reproduces text_positions='after_prompt'")
     if model.task_type == "classification" and model.pooling != "backbone":
         raise ValueError(
             f"export to PEFT: this adapter uses pooling={model.pooling!r} and PEFT only reproduces "

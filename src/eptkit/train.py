@@ -181,12 +181,16 @@ class Trainer:
             self.accelerator.backward(loss * scale)
         return float(loss.detach()), int(batch["attention_mask"].sum())
 
+    def _trainable_parameters(self):
+        """What gradient clipping measures (eptkit.multirun: one run's adapter of a shared model)."""
+        return self.model.parameters()
+
     def _optimizer_step(self) -> tuple[float | None, dict[str, float]]:
         """Clip the gradient, update the weights, advance the schedule; return (grad norm, the rates used)."""
         cfg, acc = self.config, self.accelerator
         grad_norm = None
         if cfg.max_grad_norm > 0:
-            grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+            grad_norm = acc.clip_grad_norm_(self._trainable_parameters(), cfg.max_grad_norm)
             grad_norm = float(grad_norm) if grad_norm is not None else None
         lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
         self._updating = True  # a hard interrupt from here on may leave the weights half-updated

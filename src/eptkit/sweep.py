@@ -1,0 +1,152 @@
+"""Sweeps: many runs (seeds, methods, learning rates, tasks) trained over one frozen backbone per process.
+
+`eptkit train ... --seeds 0,1,2` trains one adapter per seed, written to OUTPUT_DIR/seed-N/;
+`eptkit train ... --sweep runs.json` trains the runs a file lists, written to OUTPUT_DIR/NAME/
+(and OUTPUT_DIR/NAME/seed-N/ with --seeds too). A sweep file holds {"runs": [{...}, ...]}: each run
+is a set of `eptkit train` options (`name` names its directory; default run-I) that override the
+command line and --config, which every run shares. TOML works too ([[runs]] tables).
+
+Runs that can share a backbone (the same model and task type and, for classifiers, the same number
+of labels) train together in one process (`eptkit.multirun`); such groups run one after another.
+Each adapter starts as a separate `eptkit train` run of its seed starts (`shared_prompted_model`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from .backbones import load_backbone, resolve_model_path
+from .config import CONFIG_CLASSES
+from .model import PromptedModel
+from .multirun import RunSpec, train_runs
+from .task_types import checkpoint_task_type
+
+DOC_KEYS = ("description", "source", "comment")
+
+
+def parse_seeds(value) -> list[int]:
+    """'0,1,2' or [0, 1, 2] -> [0, 1, 2]."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        seeds = [int(str(s).strip()) for s in items if str(s).strip()]
+    except ValueError:
+        raise ValueError(f"seeds: expected comma-separated integers, got {value!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds: expected distinct integers, got {value!r}")
+    return seeds
+
+
+def read_sweep(path, valid_keys: set[str]) -> list[tuple[str, dict]]:
+    """(name, options) per run of a sweep file; option names as on the command line or in a recipe."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: sweep file not found")
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        else:
+            data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot parse the sweep file ({str(e).splitlines()[0]})") from None
+    runs = data.get("runs") if isinstance(data, dict) else None
+    extra = sorted(k for k in (data if isinstance(data, dict) else {}) if k != "runs" and k not in DOC_KEYS
+                   and not k.startswith("_"))
+    if not isinstance(runs, list) or not runs or not all(isinstance(r, dict) for r in runs) or extra:
+        raise ValueError(f"{path}: a sweep file is {{\"runs\": [{{option: value, ...}}, ...]}} (shared options go "
+                         "on the command line or in --config)")
+    out = []
+    for i, entry in enumerate(runs):
+        options = {}
+        for key, value in entry.items():
+            name = key.lstrip("-").replace("-", "_")
+            if name == "no_fusion":
+                name, value = "fusion", not value
+            if name == "name" or name in DOC_KEYS:
+                continue
+            if name not in valid_keys or name in ("seeds", "sweep", "config", "output_dir"):
+                raise ValueError(f"{path}: run {i}: option {key!r} cannot be set per run")
+            options[name] = value
+        name = str(entry.get("name") or f"run-{i}")
+        if "." in name or not name.strip("/") or name in {n for n, _ in out}:
+            raise ValueError(f"{path}: run {i}: name {name!r} must be unique, non-empty and without '.'")
+        out.append((name, options))
+    return out
+
+
+def expand_runs(options: dict[str, Any], valid_keys: set[str]) -> list[tuple[str, dict]]:
+    """(name, resolved options with output_dir) for every run of --seeds and/or --sweep."""
+    from .config import TrainConfig
+
+    base = {k: v for k, v in options.items() if k not in ("seeds", "sweep")}
+    root = Path(base.get("output_dir") or TrainConfig().output_dir)
+    entries = read_sweep(options["sweep"], valid_keys) if options.get("sweep") else [("", {})]
+    seeds = parse_seeds(options["seeds"]) if options.get("seeds") is not None else [None]
+    runs = []
+    method_fields = {f.name for cls in CONFIG_CLASSES.values() for f in dataclasses.fields(cls)} - {"max_length"}
+    for name, overrides in entries:
+        method = overrides.get("method", base.get("method", "ept"))
+        own = {f.name for f in dataclasses.fields(CONFIG_CLASSES[method])} if method in CONFIG_CLASSES else set()
+        # a shared option of another method (--rank for a PT run) does not apply to this run
+        shared = {k: v for k, v in base.items() if k not in method_fields - own}
+        for seed in seeds:
+            run = {**shared, **overrides}
+            parts = [p for p in (name, None if seed is None else f"seed-{seed}") if p]
+            if seed is not None:
+                run["seed"] = seed
+            run["output_dir"] = str(root.joinpath(*parts))
+            runs.append(("/".join(parts), run))
+    return runs
+
+
+def shared_prompted_model(model_path: str, task_type: str, runs: list[tuple[str, Any, Any, int]]):
+    """(PromptedModel, tokenizer): one adapter per run (name, method config, task spec, seed), each
+    initialised as a separate run of that seed is: under its seed, right after the backbone is loaded
+    (a classifier head the checkpoint lacks is drawn at load time, so each head comes from a backbone
+    loaded under its run's seed; that copy is then dropped)."""
+    from accelerate.utils import set_seed
+
+    model = tokenizer = None
+    for name, config, spec, seed in runs:
+        set_seed(seed)
+        backbone, tokenizer = load_backbone(model_path, task_type, spec)
+        own = PromptedModel(backbone, config, tokenizer=tokenizer, adapter_name=name)
+        if model is None:
+            model = own
+            continue
+        model.add_adapter(name, own.configs[name], method=own.adapters[name])
+        if own.heads:
+            model.heads[name] = own.heads[name]
+    model.set_adapter(runs[0][0])
+    return model, tokenizer
+
+
+def train_sweep(options: dict[str, Any], *, build_configs: Callable, load_data: Callable,
+                valid_keys: set[str]) -> list[dict]:
+    """Train the runs of --seeds / --sweep (the CLI passes its option parsing: `build_configs(options)` ->
+    (method config, TrainConfig), `load_data(options, seed)` -> (data, spec)); returns each run's results."""
+    planned, groups = expand_runs(options, valid_keys), {}
+    for name, run in planned:
+        if run.get("method", "ept") not in CONFIG_CLASSES:
+            raise ValueError(f"method: several runs in one process train {', '.join(CONFIG_CLASSES)} adapters, "
+                             f"not {run['method']!r} (run {name or 'seed'}); train it on its own")
+        method_config, train_config = build_configs(run)
+        data, spec = load_data(run, train_config.seed)
+        model_path = resolve_model_path(run.get("model"))
+        task_type = checkpoint_task_type(model_path, run.get("task_type") or "auto")
+        key = (model_path, task_type) + ((spec.num_labels, spec.is_regression) if task_type == "classification" else ())
+        run_info = {"backbone": model_path, "tokenizer": model_path, "task_type": task_type,
+                    "num_labels": spec.num_labels, "method": run.get("method", "ept"), "data_dir": run.get("data_dir"),
+                    "k_shot": run.get("k_shot")}
+        groups.setdefault(key, []).append((name, method_config, train_config, data, spec, run_info))
+    results = []
+    for (model_path, task_type, *_), group in groups.items():
+        model, tokenizer = shared_prompted_model(model_path, task_type,
+                                                 [(g[0], g[1], g[4], g[2].seed) for g in group])
+        results += train_runs(model, tokenizer, [RunSpec(name, spec, data, cfg, info)
+                                                 for name, _, cfg, data, spec, info in group])
+    return results
