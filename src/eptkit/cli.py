@@ -138,32 +138,12 @@ def _valid_keys() -> set[str]:
 
 
 def read_recipe(path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"{path}: recipe file not found")
-    try:
-        if path.suffix == ".toml":
-            import tomllib
+    from .recipes import read_recipe as read
 
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        else:
-            data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path}: cannot parse the recipe ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{path}: a recipe must be an object of option names and values")
-    out = {}
-    valid = _valid_keys()
-    for key, value in data.items():
-        if key.startswith("_") or key in ("description", "source", "comment"):
-            continue  # documentation keys
-        name = key.lstrip("-").replace("-", "_")
-        if name == "no_fusion":
-            name, value = "fusion", not value
-        if name not in valid:
-            raise UsageError(f"{path}: unknown option {key!r} in recipe")
-        out[name] = value
-    return out
+    try:
+        return read(path, _valid_keys())
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def resolve_train_options(args: argparse.Namespace) -> dict[str, Any]:
