@@ -228,7 +228,7 @@ def train_command(args: argparse.Namespace) -> int:
         from .sweep import train_sweep
 
         for results in train_sweep(options, build_configs=build_configs, load_data=load_data, valid_keys=_valid_keys()):
-            print(json.dumps(_summary(results)))
+            print(json.dumps(round_floats(_summary(results))))
         return 0
     method_config, train_config = build_configs(options)
     data, spec = load_data(options, train_config.seed)
