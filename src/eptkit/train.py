@@ -57,6 +57,30 @@ logger = logging.getLogger("eptkit")
 __all__ = ["TrainConfig", "Trainer", "train"]
 
 
+def _describe_run(spec, model, config: TrainConfig, extra: dict | None) -> dict:
+    """The run facts saved with every output (eptkit_run.json, results.json)."""
+    return {
+        "task": spec.name,
+        "task_spec": dataclasses.asdict(spec) if spec.benchmark == "custom" else None,
+        "method": model.method_name,
+        "task_type": model.task_type,
+        "backbone": getattr(model.backbone.config, "_name_or_path", None),
+        "max_length": text_max_length(model, config),
+        # `eptkit evaluate` scores the same seeded subset of the test split as the run by default
+        "seed": config.seed,
+        "max_eval_samples": config.max_eval_samples,
+        **(extra or {}),
+    }
+
+
+def _regression_loss_scale(spec, task_type: str, modules, config: TrainConfig, train_rows: list[dict]) -> float:
+    """The loss scale: 1 / variance of the training labels with regression_targets='standardize'
+    (the head's bias is then set to their mean; `eptkit.optim.standardize_regression`), else 1."""
+    if not spec.is_regression or task_type != "classification" or config.regression_targets != "standardize":
+        return 1.0
+    return standardize_regression(modules, [float(r["labels"]) for r in train_rows])
+
+
 class Trainer:
     """One training run. `train()` is the functional entry point; this class holds the run's state."""
 
@@ -87,19 +111,9 @@ class Trainer:
                 raise ValueError(f"the data has no {split!r} split (found {list(data)})")
         self.truncated: dict[str, int] = {}  # split -> rows cut to the text length (results.json)
         self.encoded = encode_splits(data, self.spec, tokenizer, model, config, self.truncated)  # split -> rows
-        self.run_info = {
-            "task": self.spec.name,
-            "task_spec": dataclasses.asdict(self.spec) if self.spec.benchmark == "custom" else None,
-            "method": model.method_name,
-            "task_type": model.task_type,
-            "backbone": getattr(model.backbone.config, "_name_or_path", None),
-            "max_length": text_max_length(model, config),
-            # `eptkit evaluate` scores the same seeded subset of the test split as the run by default
-            "seed": config.seed,
-            "max_eval_samples": config.max_eval_samples,
-            **(run_info or {}),
-        }
-        self.loss_scale = self._standardize_regression(model)
+        self.run_info = _describe_run(self.spec, model, config, run_info)
+        self.loss_scale = _regression_loss_scale(self.spec, model.task_type, self._own(model), config,
+                                                 self.encoded["train"])
         self.run_info["lr_absolute"] = {k: float(f"{v:.4g}") for k, v in group_lrs(model, config).items()}
         self.optimizer = make_optimizer(model, config)
         self.scheduler = make_scheduler(self.optimizer, config)
@@ -111,15 +125,11 @@ class Trainer:
         self.best_state: dict[str, torch.Tensor] | None = None  # the best adapter's tensors (CPU)
         self.report = _Report(self.output_dir / LOG_NAME, self.is_main)
 
-    def _standardize_regression(self, model) -> float:
-        """The loss scale: 1 / variance of the training labels with regression_targets='standardize'
-        (the head's bias is then set to their mean; `eptkit.optim.standardize_regression`), else 1."""
-        if (not self.spec.is_regression or model.task_type != "classification"
-                or self.config.regression_targets != "standardize"):
-            return 1.0
-        return standardize_regression(model, [float(r["labels"]) for r in self.encoded["train"]])
-
     # -------------------------------------------------------------- helpers
+    def _own(self, model):
+        """This run's trainable modules (the whole model; one adapter's in several runs per process)."""
+        return model
+
     @property
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
