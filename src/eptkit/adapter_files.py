@@ -65,8 +65,8 @@ def read_json(path: Path) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise AdapterError(f"{path}: not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise AdapterError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(data, dict):
         raise AdapterError(f"{path}: expected a JSON object")
     return data
@@ -79,8 +79,9 @@ def read_safetensors(path: Path, expected_sha256: str | None = None) -> dict[str
         raise AdapterError(f"{path}: checksum mismatch, the file is truncated or corrupted")
     try:
         return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise AdapterError(f"{path}: cannot read tensors, the file is truncated or corrupted ({e})") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise AdapterError(f"{path}: cannot read tensors, the file is truncated or corrupted ({first})") from None
 
 
 def _check_backbone(saved: dict, model: nn.Module, where: Path) -> None:
@@ -119,7 +120,7 @@ def read_adapter(directory, backbone: nn.Module) -> AdapterFiles:
             f"{type(backbone).__name__} is a {task_type} model"
         )
     _check_backbone(saved, backbone, directory / CONFIG_NAME)
-    cls = CONFIG_CLASSES.get(saved["method"])
+    cls = CONFIG_CLASSES.get(saved["method"]) if isinstance(saved["method"], str) else None
     if cls is None:
         raise AdapterError(f"{directory / CONFIG_NAME}: unknown method {saved['method']!r}")
     fields = {f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved}
@@ -129,7 +130,27 @@ def read_adapter(directory, backbone: nn.Module) -> AdapterFiles:
     except (TypeError, ValueError) as e:
         raise AdapterError(f"{directory / CONFIG_NAME}: {e}") from None
     tensors = read_safetensors(directory / WEIGHTS_NAME, saved.get("weights_sha256"))
-    return AdapterFiles(config, tensors, bool(saved.get("compiled")), directory / WEIGHTS_NAME)
+    compiled = saved.get("compiled") is True
+    if compiled:  # (prompt, offset) constants: their shapes are all that the model can check
+        _check_compiled(tensors, config, backbone, directory / WEIGHTS_NAME)
+    return AdapterFiles(config, tensors, compiled, directory / WEIGHTS_NAME)
+
+
+def _check_compiled(tensors: dict, config, backbone: nn.Module, where: Path) -> None:
+    hidden = backbone.get_input_embeddings().weight.shape[1]
+    expected = {"prompt_embeddings": (config.prompt_length, hidden)}
+    if isinstance(config, DePTConfig):
+        expected["offset"] = (config.max_length, hidden)
+    if "offset" in tensors and "offset" not in expected:
+        raise AdapterError(f"{where}: a compiled {config.method} adapter has no offset, but the file holds one")
+    for name, shape in expected.items():
+        if name not in tensors or tuple(tensors[name].shape) != shape:
+            found = tuple(tensors[name].shape) if name in tensors else "nothing"
+            raise AdapterError(f"{where}: a compiled {config.method} adapter needs {name!r} of shape {shape}, "
+                               f"found {found}")
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise AdapterError(f"{where}: tensor {name!r} has dtype {t.dtype}, expected floating point")
 
 
 # ---------------------------------------------------------------------------- PEFT interop
@@ -201,7 +222,7 @@ def _read_dept_checkpoint(directory: Path, saved: dict) -> AdapterFiles:
             alpha=float(saved.get("lora_alpha", 8)),
             pooling="backbone",  # DePT's own classifiers, like PEFT's, read the first virtual token
         )
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise AdapterError(f"{where}: not a valid DePT config ({e})") from None
     path = directory / DEPT_WEIGHTS_NAME
     if not path.is_file():

@@ -74,15 +74,23 @@ def backbone_facts(model: nn.Module) -> dict:
     return facts
 
 
-def check_positions(model: nn.Module, config) -> None:
-    """The prompt plus the longest text a prompt config accepts must fit the backbone's positions."""
+def check_positions(model: nn.Module, config, max_length: int | None = None) -> None:
+    """The prompt plus the longest text must fit the backbone's positions. The text length is
+    `max_length` if given (PT's comes from TrainConfig), else the config's own (DePT/EPT)."""
     limit = getattr(model.config, "max_position_embeddings", None)
-    longest = config.prompt_length + getattr(config, "max_length", 0)
-    if isinstance(limit, int) and longest > limit:
-        raise ValueError(
-            f"max_length: prompt_length + max_length = {longest} exceeds the backbone's "
-            f"max_position_embeddings={limit}; lower max_length or prompt_length"
-        )
+    if not isinstance(limit, int):
+        return
+    text = max_length if max_length is not None else getattr(config, "max_length", None)
+    longest = config.prompt_length + (text or 0)
+    if longest <= limit:
+        return
+    if text is None:
+        raise ValueError(f"prompt_length: {config.prompt_length} virtual tokens exceed the backbone's "
+                         f"max_position_embeddings={limit}; lower prompt_length")
+    raise ValueError(
+        f"max_length: prompt_length + max_length = {config.prompt_length} + {text} = {longest} exceeds the "
+        f"backbone's max_position_embeddings={limit}; lower max_length or prompt_length"
+    )
 
 
 def first_position(backbone: nn.Module) -> int:

@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -30,13 +33,15 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .config import METHOD_NAMES, PEFT_PROMPT_METHODS, PROMPT_METHODS
-from .files import atomic_save_safetensors, atomic_write_json
+from .files import atomic_save_safetensors, atomic_write_json, fsync_dir, make_readable, sha256_file
 from .heads import apply_head, classification_loss, find_head_name, mean_pool
 from .task_types import PEFT_TASK_TYPES, detect_task_type
 from .trainable import AdapterStateMixin
 from .version import __version__
 
 BASELINE_CONFIG_NAME = "eptkit_baseline.json"
+FULL_WEIGHTS_NAME = "model.safetensors"  # methods full and head
+PEFT_METHODS = ("lora", "ptuning", "prefix")  # saved in PEFT's own format
 
 
 class _Wrapper(AdapterStateMixin, nn.Module):
@@ -53,10 +58,14 @@ class _Wrapper(AdapterStateMixin, nn.Module):
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.inner.named_parameters() if p.requires_grad}
 
-    def _write_info(self, directory: Path, **extra) -> None:
+    def _write_info(self, directory: Path, files: dict[str, str], **extra) -> None:
+        """eptkit_baseline.json, written last: it names the method and records the SHA-256 of every
+        file written before it (`files_sha256`), so a crash between the files is detected on load."""
+        facts = {"num_labels": int(self.inner.config.num_labels)} if self.task_type == "classification" else {}
         atomic_write_json(
             directory / BASELINE_CONFIG_NAME,
-            {"method": self.method_name, "task_type": self.task_type, "eptkit_version": __version__, **extra},
+            {"method": self.method_name, "task_type": self.task_type, "eptkit_version": __version__,
+             "files_sha256": files, **facts, **extra},
         )
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, token_type_ids=None, **kwargs):
@@ -94,10 +103,25 @@ class _PeftWrapper(_Wrapper):
         return {k: v for k, v in {self.group: adapter, "head": head}.items() if v}
 
     def save_pretrained(self, directory) -> None:
+        """PEFT's own files (loadable by `PeftModel.from_pretrained`), each moved into place atomically."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.inner.save_pretrained(str(directory))
-        self._write_info(directory)
+        tmp = Path(tempfile.mkdtemp(dir=directory, prefix=".peft-"))
+        try:
+            self.inner.save_pretrained(str(tmp))
+            files = {}
+            for path in sorted(tmp.iterdir()):  # adapter_config.json, adapter_model.safetensors, README.md
+                if not path.is_file():
+                    continue
+                with open(path, "rb+") as f:
+                    os.fsync(f.fileno())
+                make_readable(path)
+                files[path.name] = sha256_file(path)
+                os.replace(path, directory / path.name)
+            fsync_dir(directory)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._write_info(directory, {k: v for k, v in files.items() if k != "README.md"})
 
 
 class LoRAModel(_PeftWrapper):
@@ -181,8 +205,9 @@ class FullFineTuneModel(_Wrapper):
     def save_pretrained(self, directory) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        atomic_save_safetensors(directory / "model.safetensors", self.adapter_state_dict())
-        self._write_info(directory, backbone=getattr(self.inner.config, "_name_or_path", None))
+        digest = atomic_save_safetensors(directory / FULL_WEIGHTS_NAME, self.adapter_state_dict())
+        self._write_info(directory, {FULL_WEIGHTS_NAME: digest},
+                         backbone=getattr(self.inner.config, "_name_or_path", None))
 
 
 class HeadOnlyModel(_Wrapper):
@@ -223,8 +248,9 @@ class HeadOnlyModel(_Wrapper):
     def save_pretrained(self, directory) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        atomic_save_safetensors(directory / "model.safetensors", {f"{self.head_name}.{k}": v for k, v in self.head.state_dict().items()})
-        self._write_info(directory, head_name=self.head_name, pooling="mean")
+        digest = atomic_save_safetensors(directory / FULL_WEIGHTS_NAME,
+                                         {f"{self.head_name}.{k}": v for k, v in self.head.state_dict().items()})
+        self._write_info(directory, {FULL_WEIGHTS_NAME: digest}, head_name=self.head_name, pooling="mean")
 
 
 def build_model(model: nn.Module, method: str, method_config=None, *, tokenizer=None, lora_r: int = 8,
@@ -247,3 +273,79 @@ def build_model(model: nn.Module, method: str, method_config=None, *, tokenizer=
         return HeadOnlyModel(model)
     raise ValueError(f"method: unknown method {method!r}; expected one of {', '.join(METHOD_NAMES)}")
 
+
+
+# ---------------------------------------------------------------------------- loading a saved baseline
+def read_baseline_info(directory) -> dict | None:
+    """eptkit_baseline.json of a baseline's directory, or None when there is none (a prompt adapter)."""
+    from .adapter_files import read_json
+
+    path = Path(directory) / BASELINE_CONFIG_NAME
+    return read_json(path) if path.is_file() else None
+
+
+def load_baseline(model: nn.Module, directory) -> _Wrapper:
+    """A saved LoRA, P-tuning, prefix-tuning, full fine-tuning or linear-probe model on `model` (a freshly
+    loaded backbone of the same checkpoint, with the same number of labels). Every file is checked
+    against the SHA-256 that eptkit_baseline.json records (written last), so a crash between two files
+    never loads as a mixture. Errors are AdapterError naming the file."""
+    from .adapter_files import AdapterError, read_safetensors
+
+    directory = Path(directory)
+    info_path = directory / BASELINE_CONFIG_NAME
+    info = read_baseline_info(directory)
+    if info is None:
+        raise AdapterError(f"{info_path}: not found")
+    method = info.get("method")
+    if method not in METHOD_NAMES or method in PROMPT_METHODS:
+        raise AdapterError(f"{info_path}: unknown baseline method {method!r}")
+    task_type = detect_task_type(model)
+    if info.get("task_type", task_type) != task_type:
+        raise AdapterError(f"{info_path}: saved for a {info['task_type']} model, {type(model).__name__} is a "
+                           f"{task_type} model")
+    files = info.get("files_sha256") or {}
+    if not isinstance(files, dict):
+        raise AdapterError(f"{info_path}: 'files_sha256' should map file names to digests")
+    for name, digest in files.items():
+        path = directory / str(name)
+        if not path.is_file():
+            raise AdapterError(f"{path}: not found")
+        if sha256_file(path) != digest:
+            raise AdapterError(f"{path}: checksum mismatch, the file is truncated, corrupted or from another save")
+    if method in PEFT_METHODS:
+        from peft import PeftModel
+
+        wrapper = (LoRAModel if method == "lora" else PeftPromptModel).__new__(
+            LoRAModel if method == "lora" else PeftPromptModel)
+        nn.Module.__init__(wrapper)
+        wrapper.method_name, wrapper.task_type = method, task_type
+        try:
+            wrapper.inner = PeftModel.from_pretrained(model, str(directory))
+        except Exception as e:  # noqa: BLE001 - PEFT raises many kinds; all mean an unusable directory
+            raise AdapterError(f"{directory}: cannot load the PEFT {method} adapter ({_first_line(e)})") from None
+        return wrapper.eval()
+    wrapper = FullFineTuneModel(model) if method == "full" else HeadOnlyModel(model)
+    state = read_safetensors(directory / FULL_WEIGHTS_NAME)
+    try:
+        wrapper.load_adapter_state_dict(state)
+    except ValueError as e:
+        raise AdapterError(f"{directory / FULL_WEIGHTS_NAME}: {e}") from None
+    if method == "full":
+        wrapper.requires_grad_(False)
+    return wrapper.eval()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+
+
+def copy_baseline(directory, out, info: dict) -> None:
+    """Copy a PEFT-format baseline's files (and the run facts) to `out`; eptkit_baseline.json, which
+    vouches for the others, last."""
+    directory, out = Path(directory), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(info.get("files_sha256") or {}) or ["adapter_config.json", "adapter_model.safetensors"]
+    for name in [*names, "eptkit_run.json", BASELINE_CONFIG_NAME]:
+        if (directory / name).is_file():
+            shutil.copyfile(directory / name, out / name)

@@ -8,12 +8,15 @@ which is what makes a resumed run continue exactly where the interrupted one sto
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 
 from .config import TrainConfig
 from .tasks.formatting import encode
+
+logger = logging.getLogger("eptkit")
 
 
 def text_max_length(model, config: TrainConfig | None = None) -> int:
@@ -26,6 +29,11 @@ def text_max_length(model, config: TrainConfig | None = None) -> int:
         if positions - prompt < 1:
             raise ValueError(f"prompt_length={prompt} leaves no room for text in a backbone with "
                              f"{positions} positions")
+        if config is not None and prompt + limit > positions:
+            # Never silently: the CLI refuses an explicit --max-length that does not fit (check_positions).
+            logger.warning("max_length: prompt_length + max_length = %d + %d = %d exceeds the backbone's "
+                           "max_position_embeddings=%d; texts are truncated to %d tokens", prompt, limit,
+                           prompt + limit, positions, positions - prompt)
         limit = min(limit, positions - prompt)
     return int(limit)
 
@@ -38,14 +46,16 @@ def subsample(ds, n: int | None, seed: int):
     return ds.select(sorted(perm[:n]))
 
 
-def encode_splits(data, spec, tokenizer, model, config: TrainConfig) -> dict[str, list[dict]]:
-    """Tokenize every split for the model's task type; rows as lists of dicts ready for the collator."""
+def encode_splits(data, spec, tokenizer, model, config: TrainConfig, stats: dict | None = None) -> dict[str, list[dict]]:
+    """Tokenize every split for the model's task type; rows as lists of dicts ready for the collator.
+    Longer texts are truncated to the text length; `stats` receives {split: rows truncated}."""
     max_len = text_max_length(model, config)
     out = {}
     for split in data:
         n = config.max_train_samples if split == "train" else config.max_eval_samples
         ds = subsample(data[split], n, config.seed)
-        out[split] = encode(ds, spec, tokenizer, model.task_type, max_len, truncation=True, split=split).to_list()
+        out[split] = encode(ds, spec, tokenizer, model.task_type, max_len, truncation=True, split=split,
+                            stats=stats).to_list()
     return out
 
 

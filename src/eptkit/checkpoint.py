@@ -83,8 +83,20 @@ def checkpoint_dirs(output_dir) -> list[Path]:
     root = Path(output_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()
+             and (p / "trainer_state.json").is_file()]
     return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def _remove(directory: Path) -> None:
+    """Rename, then delete: a kill -9 during the deletion leaves a hidden .old-* folder, never a
+    half-deleted step-N that looks like a checkpoint."""
+    trash = directory.parent / f".old-{directory.name}"
+    if trash.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+    os.replace(directory, trash)
+    fsync_dir(directory.parent)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def save_checkpoint(output_dir: Path, state: RunState, *, accelerator, trainable, best, optimizer, scheduler,
@@ -100,8 +112,8 @@ def save_checkpoint(output_dir: Path, state: RunState, *, accelerator, trainable
     tmp = root / f".tmp-step-{state.step:06d}"
     if acc.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        for stale in root.glob(".*-step-*"):  # left by a killed save or removal
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     acc.wait_for_everyone()
     atomic_torch_save(rng or rng_state(), tmp / f"rng-{acc.process_index}.pt")
@@ -126,7 +138,7 @@ def save_checkpoint(output_dir: Path, state: RunState, *, accelerator, trainable
             os.replace(tmp, final)
         fsync_dir(root)
         for old in checkpoint_dirs(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     acc.wait_for_everyone()
     return final
 

@@ -14,10 +14,8 @@ Bad input (unknown task or method, missing files, impossible hyper-parameters, a
 another backbone) exits with status 2 and one line on stderr, no traceback. Ctrl-C during
 training writes a checkpoint and exits with status 130.
 
-Subcommands live in a registry: another module adds one with
-
-    @register_command("bench", "run the benchmarks")
-    def bench(parser): ...            # add its arguments; return the function to run(args) -> int
+Subcommands live in a registry: `@register_command("bench", "run the benchmarks")` on a function that
+adds its arguments to a parser and returns the function to run (args -> exit status).
 """
 
 from __future__ import annotations
@@ -30,7 +28,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import CONFIG_CLASSES, METHOD_NAMES, PEFT_PROMPT_METHODS, EPTConfig, TrainConfig
+from .config import (CONFIG_CLASSES, METHOD_NAMES, PEFT_PROMPT_METHODS, PROMPT_METHODS, EPTConfig, TrainConfig,
+                     default_text)
 from .task_types import TASK_TYPES
 from .version import __version__
 
@@ -111,10 +110,10 @@ def _train_parser(parser: argparse.ArgumentParser):
                            help="EPT: switch prompt fusion off.")
             continue
         if name == "max_length":
-            help_text += " For PT and the baselines: the maximum text length (default 256)."
+            help_text += " For PT and the baselines: the maximum text length."
         kind = {"int": int, "float": float}.get(str(types[name]).split(" ")[0], str)
-        g.add_argument(_opt(name), type=kind, default=S, help=help_text)
-    g.add_argument("--lora-r", type=int, default=S, help="LoRA rank (method lora; default 8).")
+        g.add_argument(_opt(name), type=kind, default=S, help=f"{help_text} {default_text(name)}")
+    g.add_argument("--lora-r", type=int, default=S, help="LoRA rank (method lora; default: 8).")
     g = parser.add_argument_group("training loop")
     for f in dataclasses.fields(TrainConfig):
         if f.name == "max_length":
@@ -123,7 +122,7 @@ def _train_parser(parser: argparse.ArgumentParser):
             g.add_argument(_opt(f.name), action="store_const", const=True, default=S, help=f.metadata["help"])
             continue
         kind = float if str(f.type).startswith("float") else int if str(f.type).startswith("int") else str
-        g.add_argument(_opt(f.name), type=kind, default=S, help=f.metadata["help"])
+        g.add_argument(_opt(f.name), type=kind, default=S, help=f"{f.metadata['help']} (default: {f.default})")
     parser.add_argument("--config", default=S, help="Recipe file (JSON or TOML) whose keys are option names; "
                                                     "command-line options override it.")
     g = parser.add_argument_group("several runs in one process (pt, dept, ept; eptkit.sweep)")
@@ -139,32 +138,12 @@ def _valid_keys() -> set[str]:
 
 
 def read_recipe(path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"{path}: recipe file not found")
-    try:
-        if path.suffix == ".toml":
-            import tomllib
+    from .recipes import read_recipe as read
 
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        else:
-            data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path}: cannot parse the recipe ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{path}: a recipe must be an object of option names and values")
-    out = {}
-    valid = _valid_keys()
-    for key, value in data.items():
-        if key.startswith("_") or key in ("description", "source", "comment"):
-            continue  # documentation keys
-        name = key.lstrip("-").replace("-", "_")
-        if name == "no_fusion":
-            name, value = "fusion", not value
-        if name not in valid:
-            raise UsageError(f"{path}: unknown option {key!r} in recipe")
-        out[name] = value
-    return out
+    try:
+        return read(path, _valid_keys())
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def resolve_train_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -238,8 +217,9 @@ def load_data(options: dict[str, Any], seed: int):
 def train_command(args: argparse.Namespace) -> int:
     from accelerate.utils import set_seed
 
-    from .backbones import load_backbone, resolve_model_path
+    from .backbones import check_positions, load_backbone, resolve_model_path
     from .baselines import build_model
+    from .files import round_floats
     from .task_types import checkpoint_task_type
     from .train import train
 
@@ -248,7 +228,7 @@ def train_command(args: argparse.Namespace) -> int:
         from .sweep import train_sweep
 
         for results in train_sweep(options, build_configs=build_configs, load_data=load_data, valid_keys=_valid_keys()):
-            print(json.dumps(_summary(results)))
+            print(json.dumps(round_floats(_summary(results))))
         return 0
     method_config, train_config = build_configs(options)
     data, spec = load_data(options, train_config.seed)
@@ -256,6 +236,8 @@ def train_command(args: argparse.Namespace) -> int:
     task_type = checkpoint_task_type(model_path, options.get("task_type") or "auto")
     set_seed(train_config.seed)
     backbone, tokenizer = load_backbone(model_path, task_type, spec)
+    if options["method"] == "pt" and task_type != "seq2seq" and "max_length" in options:  # an explicit one fits
+        check_positions(backbone, method_config, train_config.max_length)
     try:
         model = build_model(backbone, options["method"], method_config, tokenizer=tokenizer,
                             lora_r=options.get("lora_r") or 8, num_virtual_tokens=options.get("prompt_length") or 20)
@@ -264,11 +246,15 @@ def train_command(args: argparse.Namespace) -> int:
     run_info = {"backbone": model_path, "tokenizer": model_path, "task_type": task_type,
                 "num_labels": spec.num_labels, "method": options["method"],
                 "data_dir": options.get("data_dir"), "k_shot": options.get("k_shot")}
+    if options.get("train_file"):  # `evaluate --split` on a run of the user's files reads them again
+        run_info["files"] = {k: str(Path(options[f"{k}_file"]).resolve()) if options.get(f"{k}_file") else None
+                             for k in ("train", "validation", "test")}
+        run_info["files"]["label_column"] = options.get("label_column") or "label"
     results = train(model, tokenizer, spec, data, train_config, run_info=run_info)
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        print(json.dumps(_summary(results)))
+        print(json.dumps(round_floats(_summary(results))))
     return 0
 
 
@@ -288,19 +274,28 @@ def _evaluate_parser(parser):
     parser.add_argument("--data-dir", help="Data folder (default: the one used in training, $EPTKIT_DATA_DIR, the Hub).")
     parser.add_argument("--model", help="Backbone path or Hub id (default: the one recorded with the adapter).")
     parser.add_argument("--batch-size", type=int, default=64, help="Evaluation batch size.")
-    parser.add_argument("--max-eval-samples", type=int, help="Score a seeded random subset of this many rows.")
+    parser.add_argument("--max-eval-samples", type=int, help="Score a seeded random subset of this many rows "
+                        "(default: the run's own --max-eval-samples, so the score is the one it reported; 0: all).")
+    parser.add_argument("--test-file", help="Score your own labelled file (.jsonl, .csv or .tsv) instead of a "
+                                            "split: the task's text columns (`eptkit info --task NAME`) and a label "
+                                            "column holding class names or ids.")
+    parser.add_argument("--label-column", default="label", help="Label column of --test-file (default: label).")
     parser.add_argument("--output", help="Also write the metrics to this JSON file.")
     return evaluate_command
 
 
 def evaluate_command(args) -> int:
-    from .files import atomic_write_json
+    from .files import atomic_write_json, round_floats
     from .runs import evaluate_trained, load_trained
 
+    if args.test_file and not Path(args.test_file).is_file():
+        raise UsageError(f"{args.test_file}: test file not found")
     model, tokenizer, spec, run = load_trained(args.adapter, model=args.model, task=args.task)
     data_dir = args.data_dir or run.get("data_dir") or os.environ.get("EPTKIT_DATA_DIR") or None
-    out = evaluate_trained(model, tokenizer, spec, run, args.split, data_dir=data_dir,
-                           max_samples=args.max_eval_samples, batch_size=args.batch_size)
+    n = run.get("max_eval_samples") if args.max_eval_samples is None and not args.test_file else args.max_eval_samples
+    out = round_floats(evaluate_trained(model, tokenizer, spec, run, args.split, data_dir=data_dir,
+                                        max_samples=n or None, batch_size=args.batch_size,
+                                        test_file=args.test_file, label_column=args.label_column))
     print(json.dumps(out))
     if args.output:
         atomic_write_json(Path(args.output), out)
@@ -351,12 +346,28 @@ def export_command(args) -> int:
     import shutil
 
     from .model import export_peft, save_adapter
+    from .baselines import PEFT_METHODS, copy_baseline, read_baseline_info
     from .runs import RUN_INFO_NAME, load_trained
 
-    model, _, _, _ = load_trained(args.adapter, model=args.model)
+    baseline = read_baseline_info(args.adapter) if Path(args.adapter).is_dir() else None
     out = Path(args.output)
+    if baseline is not None:  # LoRA, P-tuning, prefix: PEFT's files already; full and head: no adapter format
+        method = baseline.get("method")
+        if args.format != "peft" or method not in PEFT_METHODS:
+            what = ("a PEFT adapter already: --format peft copies it" if method in PEFT_METHODS
+                    else "a whole model, not an adapter: use it with `eptkit evaluate` and `predict`")
+            raise UsageError(f"{args.adapter}: --format {args.format} is for pt/dept/ept adapters; a {method!r} "
+                             f"run is {what}")
+        load_trained(args.adapter, model=args.model)  # refuses a corrupted or mixed directory before copying it
+        copy_baseline(args.adapter, out, baseline)
+        print(json.dumps({"format": args.format, "output": str(out)}))
+        return 0
+    model, _, _, _ = load_trained(args.adapter, model=args.model)
     if args.format == "peft":
-        export_peft(model, out)
+        try:
+            export_peft(model, out)
+        except ValueError as e:
+            raise UsageError(f"{args.adapter}: {e}") from None
     else:
         save_adapter(model, out, compiled=True)
         run_file = Path(args.adapter) / RUN_INFO_NAME
@@ -367,47 +378,35 @@ def export_command(args) -> int:
 
 
 # ============================================================================ info
-@register_command("info", "describe an adapter; for EPT, the learned subspace gate weights")
+@register_command("info", "describe an adapter (for EPT, the learned subspace gate weights), or a task's fields")
 def _info_parser(parser):
-    parser.add_argument("--adapter", required=True, help="Output dir of `eptkit train`, or an adapter dir.")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--adapter", help="Output dir of `eptkit train`, or an adapter dir.")
+    which.add_argument("--task", help="A task's name: the fields its rows need (for `predict` and "
+                                      "`evaluate --test-file`) and its labels.")
     parser.add_argument("--plot", help="Write a PNG heat map of EPT's gate weights (prompt token x subspace).")
     parser.add_argument("--json", action="store_true", help="Print machine-readable JSON instead of text.")
     return info_command
 
 
 def info_command(args) -> int:
-    from .inspection import adapter_info, plot_gate_weights
+    from .inspection import adapter_info, adapter_info_lines, plot_gate_weights, task_info, task_info_lines
 
+    if args.task:
+        if args.plot:
+            raise UsageError("--plot needs --adapter")
+        info = task_info(args.task)
+        print(json.dumps(info, indent=2) if args.json else "\n".join(task_info_lines(info)))
+        return 0
     info = adapter_info(args.adapter)
     gates = info.get("gate_weights")
     if args.plot:
         if gates is None:
             raise UsageError(f"{args.adapter}: --plot needs an uncompiled EPT adapter with multi-space projection")
         plot_gate_weights(gates, args.plot, title=f"EPT gate weights ({info['adapter']})")
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
-    print(f"adapter      {info['adapter']}")
-    print(f"method       {info['method']}{' (compiled)' if info['compiled'] else ''}")
-    print(f"backbone     {info['backbone']} ({info['task_type']}, hidden size {info['hidden_size']})")
-    if info["run"]:
-        print(f"task         {info['run'].get('task')}")
-    print(f"parameters   {info['parameters']:,}")
-    print("config       " + ", ".join(f"{k}={v}" for k, v in sorted(info["config"].items())))
-    for name, shape in info["tensors"].items():
-        print(f"  {name:40s} {tuple(shape)}")
-    if gates is not None:
-        w = gates["weights"]
-        n = len(w[0])
-        print(f"gate weights per prompt token over {n} subspaces (initial value {gates['initial']:.4f} each):")
-        print("  token  " + " ".join(f"   k={k:<3d}" for k in range(n)) + "  max|w-1/N|")
-        for i, row in enumerate(w):
-            dev = max(abs(x - gates["initial"]) for x in row)
-            print(f"  {i:5d}  " + " ".join(f"{x:8.4f}" for x in row) + f"  {dev:9.4f}")
-        print(f"  max |w - 1/N| = {gates['max_abs_change']:.4f}, mean = {gates['mean_abs_change']:.4f}; "
-              f"tokens whose largest weight is subspace k: {gates['dominant_subspace_counts']}")
-        if args.plot:
-            print(f"heat map written to {args.plot}")
+    print(json.dumps(info, indent=2) if args.json else "\n".join(adapter_info_lines(info)))
+    if args.plot and not args.json:
+        print(f"heat map written to {args.plot}")
     return 0
 
 
@@ -432,7 +431,8 @@ def bench_command(args) -> int:
 
 
 # ============================================================================ main
-register_command("train", "train an adapter (pt, dept, ept) or a baseline (lora, full, head) on a task")(_train_parser)
+register_command("train", f"train an adapter ({', '.join(PROMPT_METHODS)}) or a baseline "
+                          f"({', '.join(m for m in METHOD_NAMES if m not in PROMPT_METHODS)}) on a task")(_train_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -97,7 +97,9 @@ class DePTConfig(PromptTuningConfig):
     prompt_length: int = _help("Length m of the short prompt P_s.", default=60)
     rank: int = _help("Rank r of the offset A (max_length x r) B (r x d).", default=30)
     max_length: int = _help(
-        "Maximum source length s in tokens; the offset has one row per position. Longer inputs are an error.",
+        "Maximum source length s in tokens; the offset has one row per position. train, evaluate and predict "
+        "truncate longer texts (results.json counts them under 'truncated'); a longer input passed to the "
+        "model directly is an error.",
         default=256,
     )
     alpha: float = _help("Offset scale: D = (alpha / sqrt(rank)) * A @ B.", default=8.0)
@@ -218,7 +220,9 @@ class TrainConfig:
     mixed_precision: str = _help("'no', 'bf16' or 'fp16' (accelerate's autocast; fp16 is meant for GPUs).",
                                  default="no")
     max_length: int = _help("Maximum text length in tokens for methods without their own (PT, baselines); "
-                            "DePT/EPT use their config's max_length.", default=256)
+                            "DePT/EPT use their config's max_length. Longer texts are truncated (counted in "
+                            "results.json's 'truncated'); for PT, prompt_length + max_length must fit the "
+                            "backbone's positions.", default=256)
     max_new_tokens: int | None = _help("Tokens to generate at evaluation for text-to-text models "
                                        "(default: the longest label word plus 2).", default=None)
     max_train_samples: int | None = _help("Train on a seeded random subset of this many examples.", default=None)
@@ -228,7 +232,8 @@ class TrainConfig:
         "Regression tasks: 'standardize' starts the head's output at the training labels' mean and measures the "
         "loss in units of their variance (the first steps then learn the variation, not the mean; predictions "
         "stay in label units); 'raw' trains on the labels as they are.", default="standardize")
-    resume: bool = _help("Continue from the newest checkpoint in output_dir/checkpoints.", default=False)
+    resume: bool = _help("Continue from the newest checkpoint in output_dir/checkpoints; with none there a "
+                         "fresh run starts and says so on stderr.", default=False)
     overwrite: bool = _help("Start afresh even if output_dir holds checkpoints of an earlier run.", default=False)
 
     def __post_init__(self):
@@ -308,3 +313,14 @@ def _check_number(config, name: str, positive: bool = False) -> None:
     if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
             or (positive and value == 0)):
         raise ValueError(f"{name}: must be a {'positive' if positive else 'non-negative'} number, got {value!r}")
+
+
+def default_text(name: str) -> str:
+    """'(default: X)' for a method option, per method where their defaults differ (the CLI's help)."""
+    by_method = {method: f.default for method, cls in CONFIG_CLASSES.items() for f in dataclasses.fields(cls)
+                 if f.name == name}
+    if name == "max_length":
+        by_method["pt and baselines"] = TrainConfig.max_length
+    if len(set(map(repr, by_method.values()))) == 1:
+        return f"(default: {next(iter(by_method.values()))})"
+    return "(default: " + ", ".join(f"{v} for {m}" for m, v in by_method.items()) + ")"

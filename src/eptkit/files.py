@@ -28,11 +28,26 @@ def _atomic(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        make_readable(tmp)  # mkstemp creates 0600; files eptkit writes get the usual 0666 & ~umask
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()  # read once: os.umask sets as it reads, which is not thread-safe
+
+
+def make_readable(path) -> None:
+    """Give a file the mode a plain open() would: 0666 minus the umask."""
+    os.chmod(path, 0o666 & ~_UMASK)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -87,3 +102,15 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def round_floats(obj, digits: int = 6):
+    """`obj` with every float rounded to `digits` decimals (results.json and printed summaries:
+    84.4, not 84.39999999999999); NaN and infinities are kept."""
+    if isinstance(obj, float):
+        return round(obj, digits) if obj == obj and abs(obj) != float("inf") else obj
+    if isinstance(obj, dict):
+        return {k: round_floats(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [round_floats(v, digits) for v in obj]
+    return obj

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import torch
@@ -15,7 +16,9 @@ from torch import nn
 from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, AdapterError, read_json, read_safetensors
 from .config import CONFIG_CLASSES
 from .methods import build_method
+from .baselines import FULL_WEIGHTS_NAME, PEFT_METHODS, read_baseline_info
 from .runs import read_run_info
+from .tasks.registry import get_task
 
 
 def adapter_info(adapter_dir) -> dict:
@@ -24,6 +27,9 @@ def adapter_info(adapter_dir) -> dict:
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise AdapterError(f"{adapter_dir}: adapter directory not found")
+    baseline = read_baseline_info(adapter_dir)
+    if baseline is not None:
+        return _baseline_info(adapter_dir, baseline)
     saved = read_json(adapter_dir / CONFIG_NAME)
     if "method" not in saved:
         raise AdapterError(f"{adapter_dir / CONFIG_NAME}: not an eptkit adapter (no 'method')")
@@ -44,6 +50,71 @@ def adapter_info(adapter_dir) -> dict:
     if saved["method"] == "ept" and not saved.get("compiled") and saved.get("num_subspaces"):
         info["gate_weights"] = _gate_weights(info["config"], state)
     return info
+
+
+def _baseline_info(adapter_dir: Path, saved: dict) -> dict:
+    """A baseline run's directory: LoRA, P-tuning and prefix in PEFT's files, full and head in model.safetensors."""
+    method = saved.get("method")
+    weights = adapter_dir / (WEIGHTS_NAME if method in PEFT_METHODS else FULL_WEIGHTS_NAME)
+    state = read_safetensors(weights, (saved.get("files_sha256") or {}).get(weights.name))
+    config = read_json(adapter_dir / CONFIG_NAME) if method in PEFT_METHODS else {}
+    run = read_run_info(adapter_dir) or None
+    return {"adapter": str(adapter_dir), "method": method, "backbone": saved.get("backbone") or (run or {}).get("backbone"),
+            "task_type": saved.get("task_type"), "hidden_size": None, "compiled": False,
+            "parameters": int(sum(t.numel() for t in state.values())),
+            "tensors": {k: list(v.shape) for k, v in sorted(state.items())},
+            "config": {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool)) and v is not None},
+            "run": run}
+
+
+def adapter_info_lines(info: dict) -> list[str]:
+    """`eptkit info --adapter` as text."""
+    lines = [f"adapter      {info['adapter']}",
+             f"method       {info['method']}{' (compiled)' if info['compiled'] else ''}",
+             f"backbone     {info['backbone']} ({info['task_type']}, hidden size {info['hidden_size']})"]
+    if info["run"]:
+        lines.append(f"task         {info['run'].get('task')}")
+    lines.append(f"parameters   {info['parameters']:,}")
+    lines.append("config       " + ", ".join(f"{k}={v}" for k, v in sorted(info["config"].items())))
+    lines += [f"  {name:40s} {tuple(shape)}" for name, shape in info["tensors"].items()]
+    gates = info.get("gate_weights")
+    if gates is not None:
+        w = gates["weights"]
+        n = len(w[0])
+        lines.append(f"gate weights per prompt token over {n} subspaces (initial value {gates['initial']:.4f} each):")
+        lines.append("  token  " + " ".join(f"   k={k:<3d}" for k in range(n)) + "  max|w-1/N|")
+        for i, row in enumerate(w):
+            dev = max(abs(x - gates["initial"]) for x in row)
+            lines.append(f"  {i:5d}  " + " ".join(f"{x:8.4f}" for x in row) + f"  {dev:9.4f}")
+        lines.append(f"  max |w - 1/N| = {gates['max_abs_change']:.4f}, mean = {gates['mean_abs_change']:.4f}; "
+                     f"tokens whose largest weight is subspace k: {gates['dominant_subspace_counts']}")
+    return lines
+
+
+def task_info(name: str) -> dict:
+    """What a task's rows hold: the fields `predict` and `evaluate --test-file` read, labels, metrics."""
+    spec = get_task(name)
+    example = {f: "..." for f in spec.text_fields}
+    if spec.group_field:
+        example[spec.group_field] = 0
+    example["label"] = spec.label_names[0] if spec.label_names else 0.0
+    return {"task": spec.name, "benchmark": spec.benchmark, "text_fields": list(spec.text_fields),
+            "group_field": spec.group_field, "labels": list(spec.label_names) if spec.label_names else None,
+            "metrics": list(spec.metrics), "main_metric": spec.main_metric, "example_row": example}
+
+
+def task_info_lines(info: dict) -> list[str]:
+    """`eptkit info --task` as text."""
+    labels = info["labels"]
+    lines = [f"task         {info['task']} ({info['benchmark']})",
+             f"text fields  {', '.join(info['text_fields'])}   (every row of `predict --input` needs them)"]
+    if info["group_field"]:
+        lines.append(f"group field  {info['group_field']}   (optional: rows of one question; metrics group by it)")
+    lines.append("labels       " + (", ".join(f"{i}={n}" for i, n in enumerate(labels)) if labels
+                                    else "a number (regression)") + "   (`evaluate --test-file`: name or id)")
+    lines.append(f"metrics      {', '.join(info['metrics'])} (main: {info['main_metric']})")
+    lines.append(f"example row  {json.dumps(info['example_row'])}")
+    return lines
 
 
 def _gate_weights(config: dict, state: dict[str, torch.Tensor]) -> dict:

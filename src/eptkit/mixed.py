@@ -44,7 +44,11 @@ def add_offset(embeds, attention_mask, offset, offset_mask=None):
             f"input row {row} has {length} tokens, more than max_length={offset.shape[0]} that this "
             "adapter's offset covers; truncate the text or use an adapter with a larger max_length"
         )
-    rows = offset[positions.clamp(0, offset.shape[0] - 1)]  # batch x n x d
+    # F.embedding, not offset[positions]: the backward of advanced indexing is index_put_ with
+    # accumulate=True, which on CPU adds rows with parallel atomic float adds (the sum's order, and so
+    # its last bits, varied from run to run with 2+ threads). Embedding's backward sums each offset
+    # row's gradient in token order, whatever the threads (docs/reproducibility.md).
+    rows = nn.functional.embedding(positions.clamp(0, offset.shape[0] - 1), offset)  # batch x n x d
     return embeds + (rows * real.unsqueeze(-1)).to(embeds.dtype)
 
 

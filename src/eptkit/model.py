@@ -380,13 +380,16 @@ def load_adapter(model: nn.Module, directory, *, adapter_name: str = "default") 
 def export_peft(model: PromptedModel, directory):
     """Write the active PT adapter in PEFT's prompt-tuning format (loadable by `PeftModel.from_pretrained`)."""
     if model.config.method != "pt":
-        raise ValueError(f"export to PEFT: only prompt tuning ('pt') has a PEFT equivalent, not {model.config.method!r}")
+        raise ValueError(f"export to PEFT: only prompt tuning ('pt') has a PEFT equivalent, not "
+                         f"{model.config.method!r}; use the compiled format (eptkit export --format compiled)")
     if model.config.text_positions != "after_prompt":
         raise ValueError(f"export to PEFT: this adapter uses text_positions={model.config.text_positions!r}; "
                          "PEFT only reproduces text_positions='after_prompt'")
     if model.task_type == "classification" and model.pooling != "backbone":
         raise ValueError(
-            f"export to PEFT: this adapter uses pooling={model.pooling!r}; PEFT only reproduces pooling='backbone'"
+            f"export to PEFT: this adapter uses pooling={model.pooling!r} and PEFT only reproduces "
+            "pooling='backbone' (the backbone's own head); train with `--method pt --pooling backbone` "
+            "(PromptTuningConfig(pooling='backbone')) for a PEFT-exportable adapter, or export --format compiled"
         )
     state = model.adapter_state_dict()
     prompt = state.pop("prompt_embeddings")

@@ -31,7 +31,6 @@ from torch import nn
 from .checkpoint import rng_state
 from .config import TrainConfig
 from .heads import classification_loss
-from .optim import standardize_regression
 from .runs import prepare_output_dir
 from .tasks.formatting import IGNORE_INDEX, MODEL_INPUT_KEYS
 from .train import Trainer, _StopFlag
@@ -74,12 +73,9 @@ class _RunTrainer(Trainer):
     def _trainable_parameters(self):
         return self._own_modules(self.unwrapped).parameters()
 
-    def _standardize_regression(self, model) -> float:
-        # As for one run, but the regression bias looked for is this run's head's only.
-        if (not self.spec.is_regression or model.task_type != "classification"
-                or self.config.regression_targets != "standardize"):
-            return 1.0
-        return standardize_regression(self._own_modules(model), [float(r["labels"]) for r in self.encoded["train"]])
+    def _own(self, model) -> nn.Module:
+        # The regression bias looked for (and the loss scale) is this run's head's only.
+        return self._own_modules(model)
 
     def begin(self) -> None:
         """What `Trainer.run` does before its first step: output directory, resume, Ctrl-C bookkeeping."""

@@ -10,12 +10,12 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
-from .adapter_files import CONFIG_NAME, AdapterError
+from .adapter_files import CONFIG_NAME, AdapterError, read_json
 from .backbones import load_backbone, resolve_model_path
+from .baselines import load_baseline, read_baseline_info
 from .batching import subsample, text_max_length
 from .checkpoint import CHECKPOINTS_DIR, checkpoint_dirs
 from .files import atomic_write_json
@@ -24,7 +24,7 @@ from .model import load_adapter
 from .task_types import checkpoint_task_type
 from .tasks.errors import DataError
 from .tasks.formatting import encode
-from .tasks.loading import load_task, read_rows
+from .tasks.loading import check_columns, load_files, load_labelled_file, load_task, read_rows
 from .tasks.registry import TaskSpec, get_task
 
 RUN_INFO_NAME = "eptkit_run.json"
@@ -63,10 +63,7 @@ def read_run_info(directory) -> dict:
     path = Path(directory) / RUN_INFO_NAME
     if not path.is_file():
         return {}
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        raise AdapterError(f"{path}: not valid JSON") from None
+    return read_json(path)
 
 
 def task_spec_for(run: dict, task: str | None) -> TaskSpec:
@@ -81,18 +78,22 @@ def task_spec_for(run: dict, task: str | None) -> TaskSpec:
 
 
 def load_trained(adapter_dir, *, model: str | None = None, task: str | None = None):
-    """(model, tokenizer, spec, run info) for a trained output dir or adapter dir (prompt methods).
+    """(model, tokenizer, spec, run info) for a trained output dir or adapter dir: every method `train`
+    offers (prompt adapters, and the baselines' own formats, `eptkit.baselines.load_baseline`).
 
     model: backbone path or Hub id (default: the one the run recorded); task: likewise."""
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise AdapterError(f"{adapter_dir}: adapter directory not found")
     run = read_run_info(adapter_dir)
-    spec = task_spec_for(run, task)
+    baseline = read_baseline_info(adapter_dir)
+    if baseline is not None:
+        return _load_baseline_run(adapter_dir, baseline, run, task_spec_for(run, task), model)
     config_path = adapter_dir / CONFIG_NAME
     if not config_path.is_file():
-        raise AdapterError(f"{config_path}: not found; evaluate/predict/export/info need a pt/dept/ept adapter")
-    saved = json.loads(config_path.read_text())
+        raise AdapterError(f"{config_path}: not found; not an output directory of `eptkit train` or an adapter")
+    saved = read_json(config_path)
+    spec = task_spec_for(run, task)
     if "method" not in saved and "peft_type" not in saved:
         raise AdapterError(f"{config_path}: not an eptkit adapter (no 'method')")
     model_path = resolve_model_path(model or run.get("backbone"))
@@ -105,23 +106,55 @@ def load_trained(adapter_dir, *, model: str | None = None, task: str | None = No
     return load_adapter(backbone, adapter_dir).eval(), tokenizer, spec, run
 
 
+def _load_baseline_run(adapter_dir: Path, info: dict, run: dict, spec: TaskSpec, model: str | None):
+    model_path = resolve_model_path(model or run.get("backbone") or info.get("backbone"))
+    task_type = run.get("task_type") or info.get("task_type") or checkpoint_task_type(model_path)
+    num_labels = info.get("num_labels") if task_type == "classification" else None
+    if num_labels is not None and num_labels != spec.num_labels:
+        raise DataError(f"{adapter_dir}: the model has {num_labels} classes, task {spec.name!r} has {spec.num_labels}")
+    backbone, tokenizer = load_backbone(model_path, task_type, spec)
+    return load_baseline(backbone, adapter_dir), tokenizer, spec, run
+
+
 def run_text_max_length(model, run: dict) -> int:
     """The text length the run trained with (recorded), else what the model accepts."""
     return run.get("max_length") or text_max_length(model)
 
 
 def evaluate_trained(model, tokenizer, spec, run: dict, split: str, *, data_dir=None, max_samples: int | None = None,
-                     batch_size: int = 64) -> dict:
-    """Score a loaded adapter on a split of a named task: {"task", "split", "n", metrics...}."""
-    if spec.benchmark == "custom":
-        raise DataError("evaluate works on the named tasks; for your own files use predict")
-    if data_dir is not None and not Path(data_dir).is_dir():
-        raise DataError(f"{data_dir}: data directory not found")
-    ds = subsample(load_task(spec, data_dir)[split], max_samples, 42)
+                     batch_size: int = 64, test_file=None, label_column: str = "label") -> dict:
+    """Score a loaded model on a split of a named task, or on a labelled file of the user's (`test_file`,
+    with the task's text columns and `label_column`): {"task", "split", "n", "truncated", metrics...}.
+    A run trained on the user's own files is scored on its recorded files (split) or on `test_file`."""
+    if test_file is not None:
+        ds, split = load_labelled_file(test_file, spec, label_column=label_column), "file"
+    elif spec.benchmark == "custom":
+        ds = _custom_split(spec, run, split)
+    else:
+        if data_dir is not None and not Path(data_dir).is_dir():
+            raise DataError(f"{data_dir}: data directory not found")
+        ds = load_task(spec, data_dir)[split]
+    ds = subsample(ds, max_samples, run.get("seed", 42))  # the run's subset (`encode_splits`)
+    stats: dict = {}
     rows = encode(ds, spec, tokenizer, model.task_type, run_text_max_length(model, run), truncation=True,
-                  split=split).to_list()
+                  split=split, stats=stats).to_list()
     metrics = evaluate_rows(model, tokenizer, spec, rows, batch_size=batch_size)
-    return {"task": spec.name, "split": split, "n": len(rows), **metrics}
+    out = {"task": spec.name, "split": split, "n": len(rows), "truncated": stats.get(split, 0), **metrics}
+    if test_file is not None:
+        out["file"] = str(test_file)
+    return out
+
+
+def _custom_split(spec: TaskSpec, run: dict, split: str):
+    """A split of a run trained on the user's files, rebuilt from the files and options it recorded."""
+    files = run.get("files") or {}
+    if not files.get("train"):
+        raise DataError(f"task {spec.name!r} is the user's own data and the run records no files; "
+                        "pass --test-file with labelled rows")
+    data, _ = load_files(files["train"], files.get("validation"), files.get("test"), text_columns=spec.text_fields,
+                         label_column=files.get("label_column") or "label", label_names=spec.label_names,
+                         regression=spec.is_regression, name=spec.name)
+    return data[split]
 
 
 def predict_file(model, tokenizer, spec, run: dict, path, *, batch_size: int = 64) -> list[dict]:
@@ -129,20 +162,14 @@ def predict_file(model, tokenizer, spec, run: dict, path, *, batch_size: int = 6
     import datasets
 
     path = Path(path)
-    raw = [row for _, row in read_rows(path)]
-    needed = [f for f in spec.text_fields if f not in raw[0]]
-    if needed:
-        raise DataError(f"{path}: rows lack the column(s) {needed} that task {spec.name!r} reads "
-                        f"(it needs {list(spec.text_fields)})")
+    numbered = read_rows(path)
+    check_columns(path, numbered, spec.text_fields, f"task {spec.name!r} reads {list(spec.text_fields)}")
+    raw = [row for _, row in numbered]
     cols = {f: [r.get(f) for r in raw] for f in spec.text_fields}
-    for f, values in cols.items():
-        bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
-        if bad is not None:
-            raise DataError(f"{path}: row {bad + 1}: column {f!r} should be text, found {values[bad]!r}")
     cols["label"] = [0.0 if spec.is_regression else 0] * len(raw)  # the encoder wants a label; predictions ignore it
     cols["idx"] = list(range(len(raw)))
     if spec.group_field:
-        cols[spec.group_field] = [r.get(spec.group_field, i) for i, r in enumerate(raw)]
+        cols[spec.group_field] = [str(r.get(spec.group_field, f"row-{i}")) for i, r in enumerate(raw)]
     rows = encode(datasets.Dataset.from_dict(cols), spec, tokenizer, model.task_type,
                   run_text_max_length(model, run), truncation=True, split="input").to_list()
     preds = predict_rows(model, tokenizer, spec, rows, batch_size=batch_size)

@@ -44,7 +44,7 @@ from .batching import BatchPlan, encode_splits, text_max_length
 from .checkpoint import RunState, load_checkpoint, rng_state, save_checkpoint
 from .config import TrainConfig
 from .evaluation import evaluate_rows, main_metric
-from .files import atomic_write_json, atomic_write_lines
+from .files import atomic_write_json, atomic_write_lines, round_floats
 from .optim import group_lrs, make_optimizer, make_scheduler, standardize_regression
 from .runs import LOG_NAME, RESULTS_NAME, prepare_output_dir
 from .tasks.formatting import MODEL_INPUT_KEYS, Collator
@@ -55,6 +55,30 @@ from .version import __version__
 logger = logging.getLogger("eptkit")
 
 __all__ = ["TrainConfig", "Trainer", "train"]
+
+
+def _describe_run(spec, model, config: TrainConfig, extra: dict | None) -> dict:
+    """The run facts saved with every output (eptkit_run.json, results.json)."""
+    return {
+        "task": spec.name,
+        "task_spec": dataclasses.asdict(spec) if spec.benchmark == "custom" else None,
+        "method": model.method_name,
+        "task_type": model.task_type,
+        "backbone": getattr(model.backbone.config, "_name_or_path", None),
+        "max_length": text_max_length(model, config),
+        # `eptkit evaluate` scores the same seeded subset of the test split as the run by default
+        "seed": config.seed,
+        "max_eval_samples": config.max_eval_samples,
+        **(extra or {}),
+    }
+
+
+def _regression_loss_scale(spec, task_type: str, modules, config: TrainConfig, train_rows: list[dict]) -> float:
+    """The loss scale: 1 / variance of the training labels with regression_targets='standardize'
+    (the head's bias is then set to their mean; `eptkit.optim.standardize_regression`), else 1."""
+    if not spec.is_regression or task_type != "classification" or config.regression_targets != "standardize":
+        return 1.0
+    return standardize_regression(modules, [float(r["labels"]) for r in train_rows])
 
 
 class Trainer:
@@ -79,22 +103,17 @@ class Trainer:
         if not self.is_main:  # one copy of the data warnings, not one per process
             logger.setLevel(logging.ERROR)
         self.output_dir = Path(config.output_dir)
+        self.num_threads = _fix_threads() if acc.device.type == "cpu" else torch.get_num_threads()
         set_seed(config.seed)
 
         for split in ("train", "validation"):
             if split not in data:
                 raise ValueError(f"the data has no {split!r} split (found {list(data)})")
-        self.encoded = encode_splits(data, self.spec, tokenizer, model, config)  # split -> tokenized rows
-        self.run_info = {
-            "task": self.spec.name,
-            "task_spec": dataclasses.asdict(self.spec) if self.spec.benchmark == "custom" else None,
-            "method": model.method_name,
-            "task_type": model.task_type,
-            "backbone": getattr(model.backbone.config, "_name_or_path", None),
-            "max_length": text_max_length(model, config),
-            **(run_info or {}),
-        }
-        self.loss_scale = self._standardize_regression(model)
+        self.truncated: dict[str, int] = {}  # split -> rows cut to the text length (results.json)
+        self.encoded = encode_splits(data, self.spec, tokenizer, model, config, self.truncated)  # split -> rows
+        self.run_info = _describe_run(self.spec, model, config, run_info)
+        self.loss_scale = _regression_loss_scale(self.spec, model.task_type, self._own(model), config,
+                                                 self.encoded["train"])
         self.run_info["lr_absolute"] = {k: float(f"{v:.4g}") for k, v in group_lrs(model, config).items()}
         self.optimizer = make_optimizer(model, config)
         self.scheduler = make_scheduler(self.optimizer, config)
@@ -106,15 +125,11 @@ class Trainer:
         self.best_state: dict[str, torch.Tensor] | None = None  # the best adapter's tensors (CPU)
         self.report = _Report(self.output_dir / LOG_NAME, self.is_main)
 
-    def _standardize_regression(self, model) -> float:
-        """The loss scale: 1 / variance of the training labels with regression_targets='standardize'
-        (the head's bias is then set to their mean; `eptkit.optim.standardize_regression`), else 1."""
-        if (not self.spec.is_regression or model.task_type != "classification"
-                or self.config.regression_targets != "standardize"):
-            return 1.0
-        return standardize_regression(model, [float(r["labels"]) for r in self.encoded["train"]])
-
     # -------------------------------------------------------------- helpers
+    def _own(self, model):
+        """This run's trainable modules (the whole model; one adapter's in several runs per process)."""
+        return model
+
     @property
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
@@ -246,6 +261,8 @@ class Trainer:
             self.load_checkpoint(resume_from)
             s = self.state
             self.report.print(f"resumed from {resume_from} (step {s.step})")
+        elif cfg.resume:
+            self.report.print(f"--resume: no checkpoint in {self.output_dir / 'checkpoints'}; starting a fresh run")
         self.report.open_bar(cfg.max_steps, s.step)
         self._rng_after_step, self._position_after_step = rng_state(), (s.epoch, s.batch)
         self._updating = False
@@ -340,14 +357,16 @@ def _results(trainer: Trainer, stopped_early: bool, test_metrics: dict | None) -
         "tokens_per_s": s.tokens_seen / s.train_time if s.train_time else None,
         "peak_memory_mb": _peak_memory_mb(acc.device),
         "num_processes": acc.num_processes,
+        "num_threads": trainer.num_threads,
         "device": str(acc.device),
         "num_examples": {k: len(v) for k, v in trainer.encoded.items()},
+        "truncated": dict(trainer.truncated),
         "config": {"train": trainer.config.to_dict(), "method": trainer._checkpoint_meta()["method_config"],
                    "run": trainer.run_info},
         "versions": _versions(),
     }
     results["trainable_percent"] = 100.0 * results["trainable_params"] / max(1, results["total_params"])
-    return results
+    return round_floats(results)  # 6 decimals
 
 
 class _Report:
@@ -405,6 +424,21 @@ class _StopFlag:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
         return False
+
+
+def _fix_threads() -> int:
+    """Pin the intra-op thread count, so that how work (and floating-point sums) is split among
+    threads depends on that number alone, never on the machine's load (docs/reproducibility.md).
+
+    torch.set_num_threads also switches MKL's dynamic thread choice off; OpenMP's own (OMP_DYNAMIC)
+    is off unless the environment turns it on, which is warned about."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(n)
+    for var in ("OMP_DYNAMIC", "MKL_DYNAMIC"):
+        if os.environ.get(var, "").strip().lower() in ("true", "1", "yes", "on"):
+            logger.warning("%s=%s lets the thread count follow the machine's load; runs may then differ in "
+                           "their last bits (unset it for bit-identical runs)", var, os.environ[var])
+    return n
 
 
 def _versions() -> dict:

@@ -43,15 +43,16 @@ IGNORE_INDEX = -100  # label value the loss ignores (PyTorch / HF convention)
 
 
 def encode(data: datasets.Dataset | datasets.DatasetDict, spec: str | TaskSpec, tokenizer, task_type: str,
-           max_length: int, *, truncation: bool = False, split: str | None = None):
+           max_length: int, *, truncation: bool = False, split: str | None = None, stats: dict | None = None):
     """Tokenize a split (or every split of a DatasetDict) for `task_type`; see the module docstring.
 
     `split` only names the split in error messages (a DatasetDict passes its own names).
+    `stats`, if given, receives {split: number of rows truncated to max_length}.
     Returns a datasets.Dataset (or DatasetDict) with only the model's columns plus metadata.
     """
     if isinstance(data, datasets.DatasetDict):
-        return datasets.DatasetDict({name: encode(ds, spec, tokenizer, task_type, max_length,
-                                                  truncation=truncation, split=name) for name, ds in data.items()})
+        return datasets.DatasetDict({name: encode(ds, spec, tokenizer, task_type, max_length, truncation=truncation,
+                                                  split=name, stats=stats) for name, ds in data.items()})
     spec = get_task(spec)
     if task_type not in TASK_TYPES:
         raise ValueError(f"task_type must be one of {TASK_TYPES}, got {task_type!r}")
@@ -65,6 +66,8 @@ def encode(data: datasets.Dataset | datasets.DatasetDict, spec: str | TaskSpec, 
     out = data.map(builder, batched=True, with_indices=True,
                    remove_columns=[c for c in data.column_names if c not in keep], desc=f"tokenizing {spec.name}")
     n_cut = sum(out["_truncated"])
+    if stats is not None:
+        stats[split or "?"] = int(n_cut)
     if n_cut:
         logger.warning("%s: truncated %d of %d rows to max_length=%d", where, n_cut, len(out), max_length)
     return out.remove_columns("_truncated")

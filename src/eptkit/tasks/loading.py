@@ -221,11 +221,15 @@ def load_files(train, validation=None, test=None, *, text_columns: tuple[str, ..
         if not c or c.isdigit() or any(ch in c for ch in "{}[].!:") or c in ("label", "idx"):
             raise DataError(f"text column name {c!r} cannot be used; rename it (letters, digits, _ , spaces)")
 
+    for s, rows in records.items():
+        check_columns(paths[s], rows, text_columns, "text columns")
     labels_raw = {s: [(no, rec.get(label_column, None)) for no, rec in rows] for s, rows in records.items()}
     for s, items in labels_raw.items():
         for no, v in items:
             if v is None or v == "":
-                raise DataError(f"{paths[s]}:{no}: missing label column {label_column!r}")
+                have = list(next(rec for n, rec in records[s] if n == no))
+                raise DataError(f"{paths[s]}:{no}: missing label column {label_column!r} (the file has the "
+                                f"columns {have}; choose with --label-column)")
     if regression is None:
         values = [v for items in labels_raw.values() for _, v in items]
         floats = [_as_float(v) for v in values]
@@ -284,3 +288,53 @@ def load_files(train, validation=None, test=None, *, text_columns: tuple[str, ..
     if k_shot is not None:
         columns["train"] = _select(columns["train"], k_shot_indices(spec, columns["train"]["label"], k_shot, k_shot_seed))
     return _to_datasets({s: columns[s] for s in ("train", "validation", "test")}), spec
+
+
+def check_columns(path, rows: list[tuple[int, dict]], needed, what: str) -> None:
+    """Every row has the `needed` columns as text, or a DataError naming the columns the file has."""
+    for no, row in rows:
+        missing = [c for c in needed if c not in row]
+        if missing:
+            raise DataError(f"{path}:{no}: no column(s) {missing} ({what}); the file has the columns {list(row)}")
+        for c in needed:
+            try:
+                check_text(row[c], f"column {c!r}")
+            except ValueError as e:
+                raise DataError(f"{path}:{no}: {e}") from None
+
+
+def load_labelled_file(path, spec: TaskSpec, *, label_column: str = "label") -> datasets.Dataset:
+    """A user's labelled .csv/.tsv/.jsonl file as a split of `spec`: its text fields, `label` (a class
+    name of the task, or its id; a number for regression) and `idx`. Rows of a `group_field` task
+    (MultiRC) without that column are each their own group."""
+    path = Path(path)
+    rows = read_rows(path)
+    check_columns(path, rows, spec.text_fields, f"task {spec.name!r} reads {list(spec.text_fields)}")
+    names = list(spec.label_names or ())
+    cols: Columns = {c: [] for c in (*spec.text_fields, "label", "idx")}
+    if spec.group_field:
+        cols[spec.group_field] = []
+    for i, (no, row) in enumerate(rows):
+        if label_column not in row:
+            raise DataError(f"{path}:{no}: no label column {label_column!r}; the file has the columns {list(row)}")
+        raw = row[label_column]
+        if spec.is_regression:
+            y = _as_float(raw)
+            if y is None:
+                raise DataError(f"{path}:{no}: label {raw!r} is not a finite number")
+        else:
+            key = _label_key(raw)
+            if key in names:
+                y = names.index(key)
+            elif key is not None and re.fullmatch(r"[0-9]+", key) and int(key) < len(names):
+                y = int(key)
+            else:
+                raise DataError(f"{path}:{no}: unknown label {raw!r} (task {spec.name!r}: {names} or their ids "
+                                f"0..{len(names) - 1})")
+        for c in spec.text_fields:
+            cols[c].append(row[c])
+        cols["label"].append(y)
+        cols["idx"].append(i)
+        if spec.group_field:
+            cols[spec.group_field].append(str(row.get(spec.group_field, f"row-{i}")))
+    return datasets.Dataset.from_dict(cols)

@@ -29,8 +29,8 @@ Columns = dict[str, list]
 # --------------------------------------------------------------------------------------------
 
 
-def read_lines(path: Path) -> list[tuple[int, str]]:
-    """(1-based line number, text) for every non-empty line of a UTF-8 file (a BOM is dropped)."""
+def read_text(path: Path) -> str:
+    """A UTF-8 file's text (a BOM is dropped)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -40,9 +40,31 @@ def read_lines(path: Path) -> list[tuple[int, str]]:
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not valid UTF-8 (byte offset {e.start})") from None
-    text = text.removeprefix("\ufeff")
+    return text.removeprefix("\ufeff")
+
+
+def read_lines(path: Path) -> list[tuple[int, str]]:
+    """(1-based line number, text) for every non-empty line of a UTF-8 file (a BOM is dropped)."""
+    text = read_text(path)
     # A final newline is optional (several distributed files lack one); blank lines are skipped.
     return [(i + 1, ln.removesuffix("\r")) for i, ln in enumerate(text.split("\n")) if ln.strip("\r")]
+
+
+def _read_csv(path: Path) -> list[tuple[int, list[str]]]:
+    """(line number, fields) of a CSV file, parsed as a whole: a quoted field may hold line breaks."""
+    import csv
+    import io
+
+    reader = csv.reader(io.StringIO(read_text(path), newline=""), strict=True)
+    parsed, start = [], 1
+    try:
+        for fields in reader:
+            if fields and any(f.strip() for f in fields) or len(fields) > 1:  # blank lines are skipped
+                parsed.append((start, fields))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise DataError(f"{path}:{reader.line_num}: malformed CSV: {e}") from None
+    return parsed
 
 
 def read_table(path: Path, sep: str = "\t", names: tuple[str, ...] | None = None) -> list[tuple[int, dict]]:
@@ -51,15 +73,10 @@ def read_table(path: Path, sep: str = "\t", names: tuple[str, ...] | None = None
     `sep="\\t"` splits on tabs without quote handling; `sep=","` uses the csv module (standard CSV
     quoting), for users' CSV files.
     """
-    lines = read_lines(path)
     if sep == ",":
-        import csv
-        try:
-            parsed = [(no, row) for (no, _), row in zip(lines, csv.reader([ln for _, ln in lines], strict=True))]
-        except csv.Error as e:
-            raise DataError(f"{path}: malformed CSV: {e}") from None
+        parsed = _read_csv(path)
     else:
-        parsed = [(no, ln.split(sep)) for no, ln in lines]
+        parsed = [(no, ln.split(sep)) for no, ln in read_lines(path)]
     if names is None:
         if not parsed:
             raise DataError(f"{path}: empty file (expected a header line)")
@@ -304,7 +321,10 @@ def load_hub(spec: TaskSpec) -> dict[str, Columns]:
     try:
         dsd = datasets.load_dataset(repo, config)
     except Exception as e:  # network, missing config, ...: one clear line for the CLI
-        raise DataError(f"could not load {repo} ({config}) from the Hugging Face Hub: {e}") from e
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"no data folder given and {repo} ({config}) could not be loaded from the Hugging Face "
+                        f"Hub ({first}); pass --data-dir FOLDER (laid out like shared/data: glue/, superglue/) "
+                        "or set EPTKIT_DATA_DIR") from e
     out = {}
     for split in splits:
         cols = dsd[split].to_dict()
