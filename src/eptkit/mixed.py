@@ -52,6 +52,19 @@ def add_offset(embeds, attention_mask, offset, offset_mask=None):
     return embeds + (rows * real.unsqueeze(-1)).to(embeds.dtype)
 
 
+def check_text_inputs(input_ids, attention_mask):
+    """A clear error for malformed token ids or mask; the mask (all ones when None)."""
+    if input_ids is None or input_ids.dim() != 2:
+        raise ValueError("input_ids: expected a 2-D tensor of token ids (batch x length)")
+    if attention_mask is None:
+        return torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask: shape {tuple(attention_mask.shape)} differs from input_ids {tuple(input_ids.shape)}"
+        )
+    return attention_mask
+
+
 def check_adapter_names(model, adapter_names, batch: int) -> list[str]:
     """One loaded adapter name per row, or a clear error."""
     if isinstance(adapter_names, str):
@@ -84,14 +97,7 @@ class MixedInputs:
 def embed_rows(model, input_ids, attention_mask, adapter_names, *, offset_mask=None, token_type_ids=None,
                left: bool = False) -> MixedInputs:
     """[prompt_a ; E + D_a] for every row with its adapter a, padded as the module docstring describes."""
-    if input_ids is None or input_ids.dim() != 2:
-        raise ValueError("input_ids: expected a 2-D tensor of token ids (batch x length)")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"attention_mask: shape {tuple(attention_mask.shape)} differs from input_ids {tuple(input_ids.shape)}"
-        )
+    attention_mask = check_text_inputs(input_ids, attention_mask)
     names = check_adapter_names(model, adapter_names, input_ids.shape[0])
     device = input_ids.device
     groups = [(name, torch.tensor([i for i, n in enumerate(names) if n == name], device=device))

@@ -36,7 +36,7 @@ from .backbones import backbone_facts, check_positions, own_text_positions
 from .config import PromptTuningConfig
 from .heads import apply_head, classification_loss, find_head_name, pool
 from .methods import build_method
-from .mixed import add_offset, mixed_forward, mixed_generate_inputs
+from .mixed import add_offset, check_text_inputs, mixed_forward, mixed_generate_inputs
 from .task_types import detect_task_type
 from .trainable import AdapterStateMixin
 
@@ -194,14 +194,7 @@ class PromptedModel(AdapterStateMixin, nn.Module):
         (cumsum of the attention mask), so left padding, right padding and dynamic padding give the
         same result. `offset_mask` limits the offset to some tokens (the source, for causal LMs).
         """
-        if input_ids is None or input_ids.dim() != 2:
-            raise ValueError("input_ids: expected a 2-D tensor of token ids (batch x length)")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask: shape {tuple(attention_mask.shape)} differs from input_ids {tuple(input_ids.shape)}"
-            )
+        attention_mask = check_text_inputs(input_ids, attention_mask)
         prompt, offset = self.prompt_and_offset()
         embeds = self.word_embeddings(input_ids)
         batch = input_ids.shape[0]

@@ -14,7 +14,6 @@ Each adapter starts as a separate `eptkit train` run of its seed starts (`shared
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,9 +21,8 @@ from .backbones import load_backbone, resolve_model_path
 from .config import CONFIG_CLASSES
 from .model import PromptedModel
 from .multirun import RunSpec, train_runs
+from .recipes import DOC_KEYS, read_options_file
 from .task_types import checkpoint_task_type
-
-DOC_KEYS = ("description", "source", "comment")
 
 
 def parse_seeds(value) -> list[int]:
@@ -42,17 +40,7 @@ def parse_seeds(value) -> list[int]:
 def read_sweep(path, valid_keys: set[str]) -> list[tuple[str, dict]]:
     """(name, options) per run of a sweep file; option names as on the command line or in a recipe."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: sweep file not found")
-    try:
-        if path.suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        else:
-            data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot parse the sweep file ({str(e).splitlines()[0]})") from None
+    data = read_options_file(path, "sweep file")
     runs = data.get("runs") if isinstance(data, dict) else None
     extra = sorted(k for k in (data if isinstance(data, dict) else {}) if k != "runs" and k not in DOC_KEYS
                    and not k.startswith("_"))
