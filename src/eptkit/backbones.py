@@ -93,6 +93,12 @@ def check_positions(model: nn.Module, config, max_length: int | None = None) -> 
     )
 
 
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids counted over real tokens (as `generate` computes them for decoders): left padding
+    then changes nothing."""
+    return (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
 def first_position(backbone: nn.Module) -> int:
     """The position id a backbone gives its first token: RoBERTa-style embeddings count from
     padding_idx + 1, BERT-style ones from 0."""
@@ -107,7 +113,7 @@ def own_text_positions(backbone: nn.Module, text_mask: torch.Tensor, n_prompt: i
     batch, n = text_mask.shape
     start = first_position(backbone)
     if hasattr(backbone, "score"):
-        text = (text_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        text = positions_from_mask(text_mask)
     else:
         text = torch.arange(start, start + n, device=text_mask.device).expand(batch, -1)
     prompt = torch.arange(start, start + n_prompt, device=text_mask.device).expand(batch, -1)

@@ -26,7 +26,7 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .heads import apply_head, classification_loss, pool
-from .backbones import first_position, own_text_positions
+from .backbones import first_position, own_text_positions, positions_from_mask
 
 
 def add_offset(embeds, attention_mask, offset, offset_mask=None):
@@ -139,10 +139,6 @@ def embed_rows(model, input_ids, attention_mask, adapter_names, *, offset_mask=N
                        groups, inverse)
 
 
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.long().cumsum(dim=1) - 1).clamp(min=0)
-
-
 def mixed_forward(model, adapter_names, input_ids, attention_mask, labels, token_type_ids, **kwargs):
     """PromptedModel.forward with one adapter per row (the same outputs, row by row, as each adapter alone)."""
     if model.task_type == "classification":
@@ -157,7 +153,7 @@ def mixed_forward(model, adapter_names, input_ids, attention_mask, labels, token
         labels = torch.cat([labels.new_full((labels.shape[0], x.inputs_embeds.shape[1] - labels.shape[1]), -100),
                             labels], dim=1)
     return model.backbone(inputs_embeds=x.inputs_embeds, attention_mask=x.attention_mask,
-                          position_ids=_positions(x.attention_mask), labels=labels, **kwargs)
+                          position_ids=positions_from_mask(x.attention_mask), labels=labels, **kwargs)
 
 
 def mixed_generate_inputs(model, adapter_names, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,7 +190,7 @@ def _classify(model, adapter_names, input_ids, attention_mask, labels, token_typ
     if x.token_type_ids is not None:
         model_kwargs["token_type_ids"] = x.token_type_ids
     if decoder:
-        model_kwargs["position_ids"] = _positions(x.attention_mask)
+        model_kwargs["position_ids"] = positions_from_mask(x.attention_mask)
     own = [(name, idx) for name, idx in x.groups if model.configs[name].text_positions == "own"]
     if own:  # those rows' text at the positions it has without a prompt, as PromptedModel does alone
         width, n = x.inputs_embeds.shape[1], input_ids.shape[1]

@@ -32,7 +32,7 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .adapter_files import AdapterError, read_adapter, write_adapter, write_peft_prompt_tuning
-from .backbones import backbone_facts, check_positions, own_text_positions
+from .backbones import backbone_facts, check_positions, own_text_positions, positions_from_mask
 from .config import PromptTuningConfig
 from .heads import apply_head, classification_loss, find_head_name, pool
 from .methods import build_method
@@ -236,7 +236,7 @@ class PromptedModel(AdapterStateMixin, nn.Module):
             labels = torch.cat([prompt_labels, labels], dim=1)
         # Positions from the mask, as `generate` computes them, so a left-padded row scores exactly
         # as it would alone.
-        position_ids = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        position_ids = positions_from_mask(mask)
         return self.backbone(
             inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids, labels=labels, **kwargs
         )
@@ -260,7 +260,7 @@ class PromptedModel(AdapterStateMixin, nn.Module):
 
         base = self.backbone.base_model
         if hasattr(self.backbone, "score") and "position_ids" not in model_kwargs:
-            model_kwargs["position_ids"] = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+            model_kwargs["position_ids"] = positions_from_mask(mask)
         hidden = base(inputs_embeds=inputs_embeds, attention_mask=mask, **model_kwargs).last_hidden_state
         pooled = pool(hidden, mask, n_prompt, self.pooling)
         logits = apply_head(self.backbone, self.heads[self.active_adapter], pooled)

@@ -41,9 +41,10 @@ def group_lrs(model, config: TrainConfig) -> dict[str, float]:
             for name in model.param_groups()}
 
 
-def make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model, config: TrainConfig, lrs: dict[str, float] | None = None) -> torch.optim.Optimizer:
+    """One group per `param_groups()` entry at its absolute rate (`lrs`, computed by `group_lrs` if not given)."""
     groups = []
-    lrs = group_lrs(model, config)
+    lrs = lrs if lrs is not None else group_lrs(model, config)
     for name, params in model.param_groups().items():
         params = [p for p in params if p.requires_grad]
         if params:

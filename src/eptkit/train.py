@@ -114,8 +114,9 @@ class Trainer:
         self.run_info = _describe_run(self.spec, model, config, run_info)
         self.loss_scale = _regression_loss_scale(self.spec, model.task_type, self._own(model), config,
                                                  self.encoded["train"])
-        self.run_info["lr_absolute"] = {k: float(f"{v:.4g}") for k, v in group_lrs(model, config).items()}
-        self.optimizer = make_optimizer(model, config)
+        lrs = group_lrs(model, config)
+        self.run_info["lr_absolute"] = {k: float(f"{v:.4g}") for k, v in lrs.items()}
+        self.optimizer = make_optimizer(model, config, lrs)
         self.scheduler = make_scheduler(self.optimizer, config)
         self.model, self.optimizer = acc.prepare(model, self.optimizer)
         self.plan = BatchPlan(len(self.encoded["train"]), config.batch_size, acc.num_processes, acc.process_index,
