@@ -83,11 +83,23 @@ METHOD_ARGS = {
 # rates an earlier SST-2 selection chose (head 1e-2, LoRA 2e-3, full 1e-4), run once per selection task.
 HEAD_LR = {"--lr-head": 1e-2}
 PROMPT_RATES = (5e-3, 2e-2, 8e-2)
+# A generic instruction (not tuned per task) for text initialisation.
+INIT_TEXT = "Read the text and decide the answer."
+TEXT_INIT = {"--init": "text", "--init-text": INIT_TEXT}
+# The start that benchmarks/fresh_prompt.py found to leave the frozen features intact (an instruction,
+# with the text at the positions it has without a prompt), swept over its own rates: a recipe enters
+# the selection as a whole, so the rate it is chosen at is the one it is best at. The rates run in
+# this order, so an interrupted selection has the middle of the range first.
+INSTRUCTION = {**TEXT_INIT, "--text-positions": "own"}
+INSTRUCTION_RATES = (8e-2, 3e-1, 2e-2)
 LR_GRID = {
     "head": [dict(HEAD_LR)],
-    "pt": [{"--lr": r, **HEAD_LR} for r in PROMPT_RATES],
-    "dept": [{"--lr": r, "--lr-low-rank": r / 10, **HEAD_LR} for r in PROMPT_RATES],
-    "ept": [{"--lr": r, "--lr-low-rank": r / 10, **HEAD_LR} for r in PROMPT_RATES],
+    "pt": [{"--lr": r, **HEAD_LR} for r in PROMPT_RATES]
+    + [{"--lr": r, **HEAD_LR, **INSTRUCTION} for r in INSTRUCTION_RATES],
+    "dept": [{"--lr": r, "--lr-low-rank": r / 10, **HEAD_LR} for r in PROMPT_RATES]
+    + [{"--lr": r, "--lr-low-rank": r / 10, **HEAD_LR, **INSTRUCTION} for r in INSTRUCTION_RATES],
+    "ept": [{"--lr": r, "--lr-low-rank": r / 10, **HEAD_LR} for r in PROMPT_RATES]
+    + [{"--lr": r, "--lr-low-rank": r / 10, **HEAD_LR, **INSTRUCTION} for r in INSTRUCTION_RATES],
     "lora": [{"--lr-lora": 2e-3, **HEAD_LR}],
     "full": [{"--lr-full": 1e-4}],
     "ptuning": [{"--lr": 2e-2, **HEAD_LR}, {"--lr": 2e-1, **HEAD_LR}],
@@ -96,10 +108,7 @@ LR_GRID = {
 # they train at the low-rank rate and start so that EPT computes exactly DePT.
 # Each variant: (method, options changed from its selected recipe, tasks or None for SELECT_TASKS).
 EPT_TUNING = [("ept", {"--lr-ept": 1e-2}, None)]
-# recipe: the choices other than the rate, each changed alone from the selected recipe. A generic
-# instruction (not tuned per task) for text initialisation.
-INIT_TEXT = "Read the text and decide the answer."
-TEXT_INIT = {"--init": "text", "--init-text": INIT_TEXT}
+# recipe: the choices other than the rate, each changed alone from the selected recipe.
 RECIPE_VARIANTS = [
     # benchmarks/fresh_prompt.py: an untrained instruction prompt with the text at its own positions
     # leaves the frozen features better than no prompt; a sampled-vocabulary prompt in PEFT's layout
