@@ -88,35 +88,40 @@ INIT_TEXT = "Read the text and decide the answer."
 TEXT_INIT = {"--init": "text", "--init-text": INIT_TEXT}
 # The start that benchmarks/fresh_prompt.py found to leave the frozen features intact (an instruction,
 # with the text at the positions it has without a prompt), swept over its own rates: a recipe enters
-# the selection as a whole, so the rate it is chosen at is the one it is best at. The rates run in
-# this order, so an interrupted selection has the middle of the range first.
+# the selection as a whole, so the rate it is chosen at is the one it is best at. Its rates go up from
+# the best of the first grid (0.08, its upper edge; 0.02 and 0.005 trailed it for all three methods).
 INSTRUCTION = {**TEXT_INIT, "--text-positions": "own"}
-INSTRUCTION_RATES = (8e-2, 3e-1, 2e-2)
+INSTRUCTION_RATES = (8e-2, 3e-1)
+# The first grid's start, PEFT's: sampled vocabulary rows with the text after the prompt (eptkit's
+# defaults until the selection below chose the instruction; named, so its commands still re-run).
+SAMPLED = {"--init": "sample_vocab", "--text-positions": "after_prompt"}
 LR_GRID = {
     "head": [dict(HEAD_LR)],
-    "pt": [{"--lr": r, **HEAD_LR} for r in PROMPT_RATES]
+    "pt": [{"--lr": r, **HEAD_LR, **SAMPLED} for r in PROMPT_RATES]
     + [{"--lr": r, **HEAD_LR, **INSTRUCTION} for r in INSTRUCTION_RATES],
-    "dept": [{"--lr": r, "--lr-low-rank": r / 10, **HEAD_LR} for r in PROMPT_RATES]
+    "dept": [{"--lr": r, "--lr-low-rank": r / 10, **HEAD_LR, **SAMPLED} for r in PROMPT_RATES]
     + [{"--lr": r, "--lr-low-rank": r / 10, **HEAD_LR, **INSTRUCTION} for r in INSTRUCTION_RATES],
-    "ept": [{"--lr": r, "--lr-low-rank": r / 10, **HEAD_LR} for r in PROMPT_RATES]
+    "ept": [{"--lr": r, "--lr-low-rank": r / 10, **HEAD_LR, **SAMPLED} for r in PROMPT_RATES]
     + [{"--lr": r, "--lr-low-rank": r / 10, **HEAD_LR, **INSTRUCTION} for r in INSTRUCTION_RATES],
     "lora": [{"--lr-lora": 2e-3, **HEAD_LR}],
     "full": [{"--lr-full": 1e-4}],
     "ptuning": [{"--lr": 2e-2, **HEAD_LR}, {"--lr": 2e-1, **HEAD_LR}],
 }
 # tune: EPT's own modules (fusion, projection, gate), changed from the selected EPT recipe. By default
-# they train at the low-rank rate and start so that EPT computes exactly DePT.
+# they train at the low-rank rate's number (an absolute rate) and start so that EPT computes exactly
+# DePT; the variants: a faster and a slower module rate, and a projection active from the first step.
 # Each variant: (method, options changed from its selected recipe, tasks or None for SELECT_TASKS).
-EPT_TUNING = [("ept", {"--lr-ept": 1e-2}, None)]
+EPT_TUNING = [
+    ("ept", {"--module-init": "random"}, None),
+    ("ept", {"--lr-ept": 1e-3}, None),
+    ("ept", {"--lr-ept": 3e-2}, None),
+]
 # recipe: the choices other than the rate, each changed alone from the selected recipe.
 RECIPE_VARIANTS = [
-    # benchmarks/fresh_prompt.py: an untrained instruction prompt with the text at its own positions
-    # leaves the frozen features better than no prompt; a sampled-vocabulary prompt in PEFT's layout
-    # ruins them. First whether that start survives training, then each half alone.
-    ("pt", {**TEXT_INIT, "--text-positions": "own"}, None),
-    ("ept", {**TEXT_INIT, "--text-positions": "own"}, None),
-    ("pt", {"--init": "text", "--init-text": INIT_TEXT}, None),
-    ("ept", {"--init": "text", "--init-text": INIT_TEXT}, None),
+    # Each half of the instruction start alone (benchmarks/fresh_prompt.py measured both halves on
+    # untrained prompts), then the optimiser and the regression targets.
+    ("ept", {"--text-positions": "after_prompt"}, None),
+    ("ept", {"--init": "sample_vocab"}, None),
     ("ept", {"--optimizer": "adafactor", "--lr": 0.3, "--lr-low-rank": 0.03}, None),
     ("ept", {"--regression-targets": "raw"}, ("stsb",)),
 ]
@@ -484,15 +489,20 @@ def _sweep_plot(results_dir: Path, budget) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = False
-    for method in ("pt", "dept", "ept"):
-        points = []
-        for lr in LR_GRID[method]:
-            vals = [float(r["validation"]) for r in rows if r["method"] == method and r["lr"] == lr_key(lr)]
-            if len(vals) == len(SELECT_TASKS):
-                points.append((lr["--lr"], statistics.mean(vals)))
-        if points:
-            ax.plot(*zip(*points), marker="o", label=method)
-            drawn = True
+    for colour, method in zip(("C0", "C1", "C2"), ("pt", "dept", "ept")):
+        # One line per start: sampled vocabulary in PEFT's layout (dashed), the instruction (solid).
+        for instruction, style in ((False, "--"), (True, "-")):
+            points = []
+            for lr in LR_GRID[method]:
+                if (lr.get("--text-positions") == "own") != instruction:
+                    continue
+                vals = [float(r["validation"]) for r in rows if r["method"] == method and r["lr"] == lr_key(lr)]
+                if len(vals) == len(SELECT_TASKS):
+                    points.append((lr["--lr"], statistics.mean(vals)))
+            if points:
+                label = f"{method}, {'instruction, own positions' if instruction else 'sampled vocabulary'}"
+                ax.plot(*zip(*sorted(points)), style, color=colour, marker="o", label=label)
+                drawn = True
     if not drawn:
         plt.close(fig)
         return
@@ -500,7 +510,7 @@ def _sweep_plot(results_dir: Path, budget) -> None:
     ax.set_xlabel("prompt learning rate (x word-embedding RMS)")
     ax.set_ylabel(f"mean validation score ({', '.join(SELECT_TASKS)})")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(results_dir / "lr_sweep.png", dpi=120)
     plt.close(fig)

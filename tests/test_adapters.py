@@ -89,7 +89,8 @@ def test_peft_adapter_loads_with_identical_outputs(make_model, task_type, tmp_pa
 
 @pytest.mark.parametrize("make_model", [tiny_bert, tiny_t5, tiny_gpt2])
 def test_pt_exports_to_peft(make_model, tmp_path, random_ids):
-    prompted = _trained(make_model(), PromptTuningConfig(prompt_length=4, pooling="backbone"))
+    prompted = _trained(make_model(), PromptTuningConfig(prompt_length=4, pooling="backbone",
+                                                         text_positions="after_prompt"))
     export_peft(prompted, tmp_path)
     peft_model = PeftModel.from_pretrained(make_model(), tmp_path).eval()
     ids = random_ids(2, 6)
@@ -99,11 +100,28 @@ def test_pt_exports_to_peft(make_model, tmp_path, random_ids):
     assert torch.allclose(got, ref, atol=1e-6)
 
 
+def test_adapter_saved_before_text_positions_loads_in_its_layout(tmp_path, random_ids):
+    """Adapter files written before `text_positions` existed put the text after the prompt."""
+    old_layout = _trained(tiny_bert(), PromptTuningConfig(prompt_length=4, text_positions="after_prompt"))
+    old_layout.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    del saved["text_positions"]
+    path.write_text(json.dumps(saved))
+    loaded = PromptedModel.from_pretrained(tiny_bert(), tmp_path).eval()
+    assert loaded.config.text_positions == "after_prompt"
+    ids = random_ids(2, 6)
+    assert torch.equal(_outputs(loaded, ids), _outputs(old_layout, ids))
+
+
 def test_export_refuses_what_peft_cannot_reproduce(tmp_path):
     with pytest.raises(ValueError, match="only prompt tuning"):
         export_peft(_trained(tiny_t5(), CONFIGS[1]), tmp_path)
+    with pytest.raises(ValueError, match="text_positions='own'"):  # an encoder classifier's default
+        export_peft(_trained(tiny_bert(), PromptTuningConfig(prompt_length=2, pooling="backbone")), tmp_path)
     with pytest.raises(ValueError, match="pooling='mean'"):
-        export_peft(_trained(tiny_bert(), PromptTuningConfig(prompt_length=2)), tmp_path)
+        export_peft(_trained(tiny_bert(), PromptTuningConfig(prompt_length=2, text_positions="after_prompt")),
+                    tmp_path)
 
 
 def test_dept_checkpoint_loads_with_weights_only(tmp_path, random_ids):

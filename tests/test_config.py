@@ -10,7 +10,7 @@ from eptkit import DePTConfig, EPTConfig, PromptTuningConfig
     [
         (PromptTuningConfig, {"prompt_length": 0}, "prompt_length"),
         (PromptTuningConfig, {"init": "zeros"}, "init"),
-        (PromptTuningConfig, {"init": "text"}, "init_text"),
+        (PromptTuningConfig, {"init": "text", "init_text": "  "}, "init_text"),
         (PromptTuningConfig, {"pooling": "max"}, "pooling"),
         (DePTConfig, {"rank": -1}, "rank"),
         (DePTConfig, {"max_length": 0}, "max_length"),

@@ -16,7 +16,9 @@ L = 5
 def _peft_and_ours(make_model, task_type, pooling=None):
     """PEFT's prompt tuning and ours on two identical backbones, with the same prompt weights."""
     peft_model = get_peft_model(make_model(), PeftPromptTuningConfig(task_type=task_type, num_virtual_tokens=L))
-    ours = get_prompted_model(make_model(), PromptTuningConfig(prompt_length=L, pooling=pooling))
+    # PEFT's layout: the text after the prompt (eptkit's default for encoder classifiers keeps its own positions).
+    ours = get_prompted_model(make_model(), PromptTuningConfig(prompt_length=L, pooling=pooling,
+                                                               text_positions="after_prompt"))
     with torch.no_grad():
         ours.method.prompt_embeddings.copy_(peft_model.prompt_encoder["default"].embedding.weight[:L])
     return peft_model.eval(), ours.eval()
@@ -221,7 +223,8 @@ def test_pooling_options_on_encoder(random_ids):
     ids = random_ids(2, 6)
     mask = torch.tensor([[1] * 6, [1, 1, 1, 1, 0, 0]])
     for pooling in ("mean", "text_first"):
-        prompted = get_prompted_model(model, PromptTuningConfig(prompt_length=3, pooling=pooling)).eval()
+        prompted = get_prompted_model(model, PromptTuningConfig(prompt_length=3, pooling=pooling,
+                                                                text_positions="after_prompt")).eval()
         hidden = model.bert(inputs_embeds=prompted._embed(ids, mask)[0],
                             attention_mask=prompted._embed(ids, mask)[1]).last_hidden_state[:, 3:]
         if pooling == "mean":
@@ -246,7 +249,7 @@ def test_text_keeps_its_own_positions(random_ids):
     pooled = torch.stack([hidden[0].mean(0), hidden[1, :4].mean(0)])
     expected = prompted.heads["default"](pooled)
     assert torch.allclose(prompted(input_ids=ids, attention_mask=mask).logits, expected, atol=1e-5)
-    shifted = get_prompted_model(model, PromptTuningConfig(prompt_length=3)).eval()
+    shifted = get_prompted_model(model, PromptTuningConfig(prompt_length=3, text_positions="after_prompt")).eval()
     shifted.load_adapter_state_dict(prompted.adapter_state_dict())
     assert not torch.allclose(shifted(input_ids=ids, attention_mask=mask).logits, expected, atol=1e-3)
 
@@ -269,13 +272,31 @@ def test_own_text_positions_are_for_classifiers_only():
         PromptTuningConfig(text_positions="middle")
 
 
+def test_defaults_are_decided_for_the_backbone():
+    from eptkit.config import DEFAULT_INIT_TEXT
+
+    def tokenizer(text, add_special_tokens):
+        assert text == DEFAULT_INIT_TEXT and not add_special_tokens
+        return {"input_ids": [5, 9, 4]}
+
+    bert = get_prompted_model(tiny_bert(), PromptTuningConfig(prompt_length=7), tokenizer=tokenizer)
+    assert (bert.config.init, bert.config.text_positions, bert.config.pooling) == ("text", "own", "mean")
+    words = bert.backbone.get_input_embeddings().weight  # the instruction's tokens, repeated to l rows
+    assert torch.equal(bert.method.prompt_embeddings.detach(), words[[5, 9, 4, 5, 9, 4, 5]])
+    assert get_prompted_model(tiny_bert(), PromptTuningConfig(prompt_length=7)).config.init == "sample_vocab"
+    for make in (tiny_t5, tiny_gpt2, tiny_llama_classifier):  # decoders and T5 keep PEFT's layout
+        prompted = get_prompted_model(make(), PromptTuningConfig(prompt_length=2), tokenizer=tokenizer)
+        assert (prompted.config.init, prompted.config.text_positions) == ("text", "after_prompt")
+
+
 def test_default_pooling():
     assert get_prompted_model(tiny_bert(), PromptTuningConfig(prompt_length=2)).pooling == "mean"
     assert get_prompted_model(tiny_llama_classifier(), PromptTuningConfig(prompt_length=2)).pooling == "backbone"
 
 
 def test_token_type_ids_extended_with_zeros(random_ids):
-    prompted = get_prompted_model(tiny_bert(), PromptTuningConfig(prompt_length=3, pooling="backbone")).eval()
+    prompted = get_prompted_model(tiny_bert(), PromptTuningConfig(prompt_length=3, pooling="backbone",
+                                                                  text_positions="after_prompt")).eval()
     ids = random_ids(1, 6)
     tt = torch.tensor([[0, 0, 0, 1, 1, 1]])
     got = prompted(input_ids=ids, token_type_ids=tt).logits

@@ -124,6 +124,8 @@ def read_adapter(directory, backbone: nn.Module) -> AdapterFiles:
     if cls is None:
         raise AdapterError(f"{directory / CONFIG_NAME}: unknown method {saved['method']!r}")
     fields = {f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved}
+    # Adapters saved before text_positions existed put the text after the prompt.
+    fields.setdefault("text_positions", "after_prompt")
     try:
         config = cls(**fields)
         check_positions(backbone, config)
@@ -171,7 +173,7 @@ def _read_peft_prompt_tuning(directory: Path, saved: dict, backbone: nn.Module) 
     for key, value in state.items():
         tensors[key.removeprefix("base_model.model.").removeprefix("base_model.")] = value
     # PEFT trains (sequence classification) the head pooled at the first virtual token: 'backbone'.
-    config = PromptTuningConfig(prompt_length=length, pooling="backbone")
+    config = PromptTuningConfig(prompt_length=length, pooling="backbone", text_positions="after_prompt")
     return AdapterFiles(config, tensors, False, directory / WEIGHTS_NAME)
 
 
@@ -221,6 +223,7 @@ def _read_dept_checkpoint(directory: Path, saved: dict) -> AdapterFiles:
             max_length=int(saved["max_length"]),
             alpha=float(saved.get("lora_alpha", 8)),
             pooling="backbone",  # DePT's own classifiers, like PEFT's, read the first virtual token
+            text_positions="after_prompt",  # and put the text after the prompt
         )
     except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise AdapterError(f"{where}: not a valid DePT config ({e})") from None

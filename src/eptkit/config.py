@@ -17,6 +17,10 @@ PROMPT_INITS = ("sample_vocab", "text", "random")
 POOLINGS = ("mean", "backbone", "text_first")
 TEXT_POSITIONS = ("after_prompt", "own")
 MODULE_INITS = ("zero", "random")
+# One generic instruction, not tuned per task: the prompt starts as the embeddings of its tokens. On the
+# bundled MiniLM this start (with the text at its own positions) took PT, DePT and EPT from below the
+# linear probe to well above it on STS-B (benchmarks/RESULTS.md, the recipe selection).
+DEFAULT_INIT_TEXT = "Read the text and decide the answer."
 
 
 def _help(text: str, **kwargs) -> Any:
@@ -30,17 +34,20 @@ class PromptTuningConfig:
     method: ClassVar[str] = "pt"
 
     prompt_length: int = _help("Number of virtual tokens l prepended to the input.", default=100)
-    init: str = _help(
-        "Prompt initialisation: 'sample_vocab' (random rows of the frozen vocabulary), "
-        "'text' (embeddings of init_text, repeated/truncated), or 'random' (normal, std of the vocabulary).",
-        default="sample_vocab",
+    init: str | None = _help(
+        "Prompt initialisation: 'text' (embeddings of init_text, repeated/truncated), 'sample_vocab' (random "
+        "rows of the frozen vocabulary, PEFT's default) or 'random' (normal, std of the vocabulary). None "
+        "picks 'text' when the model is built with a tokenizer (eptkit train always is), else 'sample_vocab'.",
+        default=None,
     )
-    init_text: str | None = _help("Text whose token embeddings initialise the prompt when init='text'.", default=None)
-    text_positions: str = _help(
-        "Sequence classifiers only: 'after_prompt' (PEFT's layout: the prompt takes positions 0..l-1 and the "
-        "text follows at l, l+1, ...) or 'own' (the text keeps the positions it has without a prompt, starting "
-        "at 0, so a backbone with absolute position embeddings sees its text where it was trained to).",
-        default="after_prompt")
+    init_text: str = _help("Text whose token embeddings initialise the prompt when init='text'.",
+                           default=DEFAULT_INIT_TEXT)
+    text_positions: str | None = _help(
+        "Sequence classifiers only: 'own' (the text keeps the positions it has without a prompt, starting at 0, "
+        "so a backbone with absolute position embeddings sees its text where it was trained to) or "
+        "'after_prompt' (PEFT's layout: the prompt takes positions 0..l-1 and the text follows at l, l+1, ...). "
+        "None picks 'own' for encoder classifiers and 'after_prompt' for every other model.",
+        default=None)
     pooling: str | None = _help(
         "Sequence classification only: 'mean' (mean of the text's last hidden states, prompt excluded), "
         "'backbone' (the model's own pooler/head, as PEFT does) or 'text_first' (the text's first token). "
@@ -53,12 +60,12 @@ class PromptTuningConfig:
 
     def validate(self) -> None:
         _check_positive_int(self, "prompt_length")
-        if self.init not in PROMPT_INITS:
-            raise ValueError(f"init: must be one of {PROMPT_INITS}, got {self.init!r}")
-        if self.init == "text" and not self.init_text:
+        if self.init is not None and self.init not in PROMPT_INITS:
+            raise ValueError(f"init: must be one of {PROMPT_INITS} or None, got {self.init!r}")
+        if self.init == "text" and not (isinstance(self.init_text, str) and self.init_text.strip()):
             raise ValueError("init_text: required (a non-empty string) when init='text'")
-        if self.text_positions not in TEXT_POSITIONS:
-            raise ValueError(f"text_positions: must be one of {TEXT_POSITIONS}, got {self.text_positions!r}")
+        if self.text_positions is not None and self.text_positions not in TEXT_POSITIONS:
+            raise ValueError(f"text_positions: must be one of {TEXT_POSITIONS} or None, got {self.text_positions!r}")
         if self.pooling is not None and self.pooling not in POOLINGS:
             raise ValueError(f"pooling: must be one of {POOLINGS} or None, got {self.pooling!r}")
 

@@ -20,7 +20,7 @@ def main() -> None:
     for config in (PromptTuningConfig(prompt_length=100), DePTConfig(), EPTConfig()):
         torch.manual_seed(0)
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-        prompted = get_prompted_model(model, config)
+        prompted = get_prompted_model(model, config, tokenizer=tokenizer)  # the default instruction start
         out = prompted(**batch, labels=torch.tensor([1, 0]))
         print(f"{config.method:5s} trainable {prompted.num_parameters():>8,d} of "
               f"{prompted.num_parameters(trainable_only=False):,d}  loss {out.loss.item():.4f}")

@@ -119,7 +119,7 @@ def task_info_lines(info: dict) -> list[str]:
 
 def _gate_weights(config: dict, state: dict[str, torch.Tensor]) -> dict:
     # Rebuild the EPT module from the config alone (a 1-row vocabulary: the init is overwritten).
-    ept_config = CONFIG_CLASSES["ept"](**{**config, "init": "sample_vocab", "init_text": None})
+    ept_config = CONFIG_CLASSES["ept"](**{**config, "init": "sample_vocab"})
     d = int(state["prompt_embeddings"].shape[1])
     ept = build_method(ept_config, nn.Embedding(1, d))
     ept.load_state_dict({k: v for k, v in state.items() if k in ept.state_dict()})

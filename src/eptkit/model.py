@@ -57,6 +57,24 @@ class CompiledPrompt(nn.Module):
         return {}
 
 
+def decide_defaults(config: PromptTuningConfig, backbone: nn.Module, task_type: str, tokenizer) -> PromptTuningConfig:
+    """`config` with its automatic (None) fields decided for this backbone; the adapter saves these."""
+    decoder_classifier = hasattr(backbone, "score")
+    encoder_classifier = task_type == "classification" and not decoder_classifier
+    changes = {}
+    if config.init is None:  # an instruction's tokens need the tokenizer (eptkit train always has it)
+        changes["init"] = "text" if tokenizer is not None else "sample_vocab"
+    if config.text_positions is None:
+        # Encoders see their text at the positions they were trained on; decoders keep PEFT's layout,
+        # where the text continues after the prompt as it would after any earlier text.
+        changes["text_positions"] = "own" if encoder_classifier else "after_prompt"
+    if task_type == "classification" and config.pooling is None:
+        # Mean pooling is the default for encoders: with the backbone's own head, which reads
+        # position 0 (a virtual token), prompt tuning collapsed to one class (docs/method.md, "Pooling").
+        changes["pooling"] = "mean" if encoder_classifier else "backbone"
+    return dataclasses.replace(config, **changes)
+
+
 class PromptedModel(AdapterStateMixin, nn.Module):
     """A frozen backbone with one or more named prompt adapters; satisfies `eptkit.trainable.TrainableModel`."""
 
@@ -95,14 +113,11 @@ class PromptedModel(AdapterStateMixin, nn.Module):
         shared frozen backbone. `set_adapter(name)` makes it the one forward() uses."""
         if name in self.adapters:
             raise ValueError(f"adapter_name: an adapter named {name!r} exists already")
+        config = decide_defaults(config, self.backbone, self.task_type, tokenizer)
         check_positions(self.backbone, config)
         if config.text_positions != "after_prompt" and self.task_type != "classification":
             raise ValueError(f"text_positions: {config.text_positions!r} is for sequence classifiers; a "
                              f"{self.task_type} model places the text after the prompt ('after_prompt')")
-        if self.task_type == "classification" and config.pooling is None:
-            # Mean pooling is the default for encoders: with the backbone's own head, which reads
-            # position 0 (a virtual token), prompt tuning collapsed to one class (docs/method.md, "Pooling").
-            config = dataclasses.replace(config, pooling="backbone" if hasattr(self.backbone, "score") else "mean")
         if method is None:
             init_ids = None
             if config.init == "text":
@@ -348,7 +363,7 @@ def load_adapter(model: nn.Module, directory, *, adapter_name: str = "default") 
     else:
         # Random init is overwritten by the load; skip text init so no tokenizer is needed.
         method = None
-        build = PromptTuningConfig.from_dict({**files.config.to_dict(), "init": "sample_vocab", "init_text": None})
+        build = PromptTuningConfig.from_dict({**files.config.to_dict(), "init": "sample_vocab"})
     if existing is None:
         prompted = PromptedModel(model, build, adapter_name=adapter_name, method=method)
         active = adapter_name
@@ -375,15 +390,16 @@ def export_peft(model: PromptedModel, directory):
     if model.config.method != "pt":
         raise ValueError(f"export to PEFT: only prompt tuning ('pt') has a PEFT equivalent, not "
                          f"{model.config.method!r}; use the compiled format (eptkit export --format compiled)")
-    if model.config.text_positions != "after_prompt":
-        raise ValueError(f"export to PEFT: this adapter uses text_positions={model.config.text_positions!r}; "
-                         "PEFT only reproduces text_positions='after_prompt'")
-    if model.task_type == "classification" and model.pooling != "backbone":
+    # PEFT's classifiers read the backbone's own head (pooling='backbone') with the text after the prompt.
+    peft_layout = {"pooling": "backbone", "text_positions": "after_prompt"}
+    used = {"pooling": model.pooling, "text_positions": model.config.text_positions}
+    differ = [k for k in peft_layout if model.task_type == "classification" and used[k] != peft_layout[k]]
+    if differ:
         raise ValueError(
-            f"export to PEFT: this adapter uses pooling={model.pooling!r} and PEFT only reproduces "
-            "pooling='backbone' (the backbone's own head); train with `--method pt --pooling backbone` "
-            "(PromptTuningConfig(pooling='backbone')) for a PEFT-exportable adapter, or export --format compiled"
-        )
+            "export to PEFT: this adapter uses " + ", ".join(f"{k}={used[k]!r}" for k in differ)
+            + "; PEFT only reproduces " + " and ".join(f"{k}={peft_layout[k]!r}" for k in differ)
+            + ". Train with `--method pt " + " ".join(f"--{k.replace('_', '-')} {peft_layout[k]}" for k in differ)
+            + "` for a PEFT-exportable adapter, or export --format compiled")
     state = model.adapter_state_dict()
     prompt = state.pop("prompt_embeddings")
     return write_peft_prompt_tuning(directory, prompt, state, task_type=model.task_type, backbone=model.backbone,

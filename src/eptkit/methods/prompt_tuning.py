@@ -18,7 +18,7 @@ def init_prompt(config: PromptTuningConfig, word_embeddings: nn.Embedding, init_
     """
     weight = word_embeddings.weight.detach()
     length = config.prompt_length
-    if config.init == "sample_vocab":
+    if config.init in ("sample_vocab", None):  # None: decided without a tokenizer (PromptedModel decides)
         # Random rows of the vocabulary: prompt vectors start in the region of embedding space the
         # backbone was trained on, which is what makes high prompt learning rates stable.
         rows = torch.randint(0, weight.shape[0], (length,))
