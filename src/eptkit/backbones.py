@@ -90,10 +90,9 @@ def usable_positions(model: nn.Module) -> int | None:
     return limit - first_position(model) if isinstance(limit, int) else None
 
 
-def check_prompt_fits(model: nn.Module, prompt_length: int, text_length: int | None, *, what: str = "") -> None:
+def check_prompt_fits(model: nn.Module, prompt_length: int, text_length: int | None) -> None:
     """`prompt_length` positions before a text of up to `text_length` tokens must fit the backbone's
-    positions, or a clear ValueError (the prompt of PT/DePT/EPT, PEFT's virtual tokens, or in a mixed
-    batch the widest prompt, which `what` names)."""
+    positions, or a clear ValueError (the prompt of PT/DePT/EPT, PEFT's virtual tokens)."""
     limit = usable_positions(model)
     longest = prompt_length + (text_length or 0)
     if limit is None or longest <= limit:
@@ -102,9 +101,9 @@ def check_prompt_fits(model: nn.Module, prompt_length: int, text_length: int | N
     room = f"the backbone's max_position_embeddings={max_positions}" + (
         f" ({limit} usable: its positions are numbered from {max_positions - limit})" if limit != max_positions else "")
     if text_length is None:
-        raise ValueError(f"prompt_length: {prompt_length} virtual tokens{what} exceed {room}; lower prompt_length")
+        raise ValueError(f"prompt_length: {prompt_length} virtual tokens exceed {room}; lower prompt_length")
     raise ValueError(
-        f"max_length: prompt_length + max_length = {prompt_length} + {text_length} = {longest}{what} exceeds "
+        f"max_length: prompt_length + max_length = {prompt_length} + {text_length} = {longest} exceeds "
         f"{room}; lower max_length or prompt_length"
     )
 

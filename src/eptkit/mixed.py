@@ -155,7 +155,7 @@ def _check_padded_width(model, sides: dict, n: int) -> None:
         raise ValueError(
             f"adapter_names: a mixed batch pads every prompt to the widest, adapter {widest!r}'s {m} virtual "
             f"tokens; with the batch's {n} text positions that makes {m + n}, more than the backbone's {limit} "
-            f"positions; truncate the texts to {limit - m} tokens or give {widest!r}'s rows a batch of their own"
+            f"positions; truncate the texts to {limit - m} tokens or run the longer rows in a batch without {widest!r}"
         )
 
 
