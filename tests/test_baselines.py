@@ -9,7 +9,9 @@ import torch
 from peft import PeftModel
 
 from conftest import HIDDEN, tiny_bert, tiny_gpt2, tiny_t5
-from eptkit.baselines import PeftPromptModel, build_model
+from eptkit import TrainConfig
+from eptkit.baselines import PeftPromptModel, build_model, load_baseline
+from eptkit.batching import text_max_length
 
 
 def test_ptuning_parameter_count_and_groups():
@@ -86,3 +88,25 @@ def test_training_steps_change_only_the_adapter():
         opt.step()
         opt.zero_grad()
     assert all(torch.equal(p, frozen[n]) for n, p in model.inner.named_parameters() if n in frozen)
+
+
+@pytest.mark.parametrize("method,factory", [("ptuning", tiny_bert), ("ptuning", tiny_gpt2), ("prefix", tiny_gpt2)])
+def test_virtual_tokens_count_against_the_positions(method, factory):
+    # Both tiny backbones number 128 positions. P-tuning puts its n virtual tokens before the text;
+    # prefix tuning passes n keys/values as a cache, after which GPT-2 numbers the text. So a text of
+    # 128 - n tokens runs and one more token fails deep inside torch: the room text_max_length gives.
+    n = 10
+    model = PeftPromptModel(factory(), method, num_virtual_tokens=n, encoder_hidden_size=8).eval()
+    assert model.prompt_positions == n
+    assert text_max_length(model, TrainConfig(max_length=500)) == 128 - n
+    ids = torch.randint(3, 100, (1, 128 - n))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        longer = torch.randint(3, 100, (1, 128 - n + 1))
+        with pytest.raises((IndexError, RuntimeError)):
+            model(input_ids=longer, attention_mask=torch.ones_like(longer))
+
+
+def test_a_reloaded_ptuning_adapter_counts_its_virtual_tokens(tmp_path):
+    PeftPromptModel(tiny_bert(), "ptuning", num_virtual_tokens=7, encoder_hidden_size=8).save_pretrained(tmp_path)
+    assert load_baseline(tiny_bert(), tmp_path).prompt_positions == 7

@@ -184,3 +184,25 @@ def test_bundled_minilm_two_saved_adapters_answer_one_mixed_batch(tmp_path):
         for row, name in enumerate(names):
             one = tokenizer(texts[row], return_tensors="pt")
             assert torch.allclose(logits[row], sources[name](**one).logits[0], atol=TOL), (row, name)
+
+
+def test_a_mixed_batch_wider_than_the_positions_names_the_widest_adapter(random_ids):
+    # tiny BERT: 128 positions. "short" (4 virtual tokens) has a 100-token row, "wide" (40) a 10-token
+    # one: alone they take 104 and 50 positions, but the batch pads "wide"'s prompt over 100 text slots.
+    model = get_prompted_model(tiny_bert(), PromptTuningConfig(prompt_length=4), adapter_name="short")
+    model.add_adapter("wide", PromptTuningConfig(prompt_length=40))
+    model.eval()
+    for n, fits in ((100, False), (88, True)):
+        ids = random_ids(2, n)
+        mask = torch.ones_like(ids)
+        mask[1, 10:] = 0
+        if fits:  # 40 + 88 = 128: the batch runs, each row as its adapter gives it alone
+            logits = model(input_ids=ids, attention_mask=mask, adapter_names=["short", "wide"]).logits
+            for row, name in enumerate(("short", "wide")):
+                model.set_adapter(name)
+                alone = model(input_ids=ids[row:row + 1, :mask[row].sum()]).logits
+                torch.testing.assert_close(logits[row:row + 1], alone, atol=TOL, rtol=0)
+            continue
+        with pytest.raises(ValueError, match=r"adapter 'wide''s 40 virtual tokens; with the batch's 100 text "
+                                             r"positions that makes 140, more than the backbone's 128 positions"):
+            model(input_ids=ids, attention_mask=mask, adapter_names=["short", "wide"])

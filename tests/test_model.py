@@ -336,6 +336,15 @@ def test_prompt_plus_max_length_must_fit_the_positions():
         get_prompted_model(tiny_bert(), DePTConfig(prompt_length=60, rank=2, max_length=100))
 
 
+def test_roberta_positions_are_counted_from_padding_idx_plus_one():
+    # RoBERTa numbers its tokens from padding_idx + 1 = 2: of its 130 position embeddings 128 are usable.
+    fits = get_prompted_model(tiny_roberta(), DePTConfig(prompt_length=6, rank=2, max_length=122))
+    fits(input_ids=torch.randint(3, 100, (1, 122)))
+    with pytest.raises(ValueError, match=r"6 \+ 123 = 129 exceeds the backbone's max_position_embeddings=130 "
+                                         r"\(128 usable: its positions are numbered from 2\)"):
+        get_prompted_model(tiny_roberta(), DePTConfig(prompt_length=6, rank=2, max_length=123))
+
+
 def test_named_adapters_share_one_frozen_backbone(random_ids):
     model = tiny_bert()
     prompted = get_prompted_model(model, EPTConfig(prompt_length=3, rank=2, max_length=16))

@@ -87,10 +87,10 @@ def test_results_are_rounded_count_truncation_and_files_are_world_readable(tiny,
 
 
 @needs_data
-def test_pt_positions_count_max_length(tiny, tmp_path, capsys):
-    # the tiny BERT has 256 positions
-    args = small_train_args(tiny["bert"], tmp_path / "r", "pt", steps=1)
-    args[args.index("--prompt-length") + 1] = "230"
+@pytest.mark.parametrize("method", ["pt", "ptuning"])
+def test_pt_positions_count_max_length(tiny, tmp_path, capsys, method):
+    # the tiny BERT has 256 positions; P-tuning's virtual tokens (--prompt-length) take them as PT's prompt does
+    args = small_train_args(tiny["bert"], tmp_path / "r", method, steps=1) + ["--prompt-length", "230"]
     code, out, err = run_cli(args, capsys)
     assert code == 2 and "230 + 64 = 294" in err and "max_position_embeddings=256" in err
 

@@ -77,19 +77,34 @@ def backbone_facts(model: nn.Module) -> dict:
 def check_positions(model: nn.Module, config, max_length: int | None = None) -> None:
     """The prompt plus the longest text must fit the backbone's positions. The text length is
     `max_length` if given (PT's comes from TrainConfig), else the config's own (DePT/EPT)."""
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if not isinstance(limit, int):
-        return
     text = max_length if max_length is not None else getattr(config, "max_length", None)
-    longest = config.prompt_length + (text or 0)
-    if longest <= limit:
+    check_prompt_fits(model, config.prompt_length, text)
+
+
+def usable_positions(model: nn.Module) -> int | None:
+    """How many tokens the backbone can number: max_position_embeddings, less the ids RoBERTa-style
+    embeddings skip (they count from padding_idx + 1); None when positions are unbounded (T5). A PEFT
+    model is asked about the model it wraps."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    limit = getattr(model.config, "max_position_embeddings", None)
+    return limit - first_position(model) if isinstance(limit, int) else None
+
+
+def check_prompt_fits(model: nn.Module, prompt_length: int, text_length: int | None) -> None:
+    """`prompt_length` positions before a text of up to `text_length` tokens must fit the backbone's
+    positions, or a clear ValueError (the prompt of PT/DePT/EPT, PEFT's virtual tokens)."""
+    limit = usable_positions(model)
+    longest = prompt_length + (text_length or 0)
+    if limit is None or longest <= limit:
         return
-    if text is None:
-        raise ValueError(f"prompt_length: {config.prompt_length} virtual tokens exceed the backbone's "
-                         f"max_position_embeddings={limit}; lower prompt_length")
+    max_positions = model.config.max_position_embeddings
+    room = f"the backbone's max_position_embeddings={max_positions}" + (
+        f" ({limit} usable: its positions are numbered from {max_positions - limit})" if limit != max_positions else "")
+    if text_length is None:
+        raise ValueError(f"prompt_length: {prompt_length} virtual tokens exceed {room}; lower prompt_length")
     raise ValueError(
-        f"max_length: prompt_length + max_length = {config.prompt_length} + {text} = {longest} exceeds the "
-        f"backbone's max_position_embeddings={limit}; lower max_length or prompt_length"
+        f"max_length: prompt_length + max_length = {prompt_length} + {text_length} = {longest} exceeds "
+        f"{room}; lower max_length or prompt_length"
     )
 
 

@@ -33,7 +33,8 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .config import METHOD_NAMES, PEFT_PROMPT_METHODS, PROMPT_METHODS
-from .files import atomic_save_safetensors, atomic_write_json, fsync_dir, make_readable, sha256_file
+from .files import (atomic_copy, atomic_save_safetensors, atomic_write_json, fsync_dir, make_readable,
+                    sha256_file)
 from .heads import apply_head, classification_loss, find_head_name, mean_pool
 from .task_types import PEFT_TASK_TYPES, detect_task_type
 from .trainable import AdapterStateMixin
@@ -50,6 +51,7 @@ class _Wrapper(AdapterStateMixin, nn.Module):
     method_name = "baseline"
     method_config = None  # no prompt method: the text length comes from TrainConfig.max_length
     max_length = None
+    prompt_positions = 0  # the text starts at the backbone's first position
 
     @property
     def backbone(self) -> nn.Module:
@@ -103,9 +105,15 @@ class _PeftWrapper(_Wrapper):
         return {k: v for k, v in {self.group: adapter, "head": head}.items() if v}
 
     def save_pretrained(self, directory) -> None:
-        """PEFT's own files (loadable by `PeftModel.from_pretrained`), each moved into place atomically."""
+        """PEFT's own files (loadable by `PeftModel.from_pretrained`), each moved into place atomically.
+
+        PEFT's file names are fixed, so the files cannot all change at once: a kill -9 between two
+        renames leaves new files beside an eptkit_baseline.json that vouches for the old ones, which
+        `load_baseline` refuses (checksums), and the next save (a --resume) writes them all again."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob(".peft-*"):  # the staging folder of a save that was killed
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(dir=directory, prefix=".peft-"))
         try:
             self.inner.save_pretrained(str(tmp))
@@ -179,6 +187,13 @@ class PeftPromptModel(_PeftWrapper):
         else:
             config = PrefixTuningConfig(task_type=task, num_virtual_tokens=num_virtual_tokens)
         self.inner = get_peft_model(model, config)
+
+    @property
+    def prompt_positions(self) -> int:
+        """P-tuning prepends its virtual tokens to the text. Prefix tuning adds keys and values, not
+        tokens, but hands them over as a cache (`past_key_values`), and decoders number the tokens
+        after the cache: with either, the text starts at position num_virtual_tokens."""
+        return int(self.inner.active_peft_config.num_virtual_tokens)
 
 
 def _accepts_past_key_values(model: nn.Module) -> bool:
@@ -348,4 +363,4 @@ def copy_baseline(directory, out, info: dict) -> None:
     names = list(info.get("files_sha256") or {}) or ["adapter_config.json", "adapter_model.safetensors"]
     for name in [*names, "eptkit_run.json", BASELINE_CONFIG_NAME]:
         if (directory / name).is_file():
-            shutil.copyfile(directory / name, out / name)
+            atomic_copy(directory / name, out / name)

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from .backbones import usable_positions
 from .config import TrainConfig
 from .tasks.formatting import encode
 
@@ -21,18 +22,19 @@ logger = logging.getLogger("eptkit")
 
 def text_max_length(model, config: TrainConfig | None = None) -> int:
     """Longest text (in tokens) the model accepts: the method's max_length (DePT/EPT) or the training
-    config's, and never more than the backbone's positions minus the prompt (encoders, decoders)."""
+    config's, and never more than the backbone's positions minus those the method puts before the text
+    (`prompt_positions`: the prompt, PEFT's virtual tokens; encoders and decoders)."""
     limit = model.max_length or (config.max_length if config else 256)
-    positions = getattr(getattr(model.backbone, "config", None), "max_position_embeddings", None)
+    positions = usable_positions(model.backbone)
     if positions and model.task_type != "seq2seq":
-        prompt = model.method_config.prompt_length if model.method_config is not None else 0
+        prompt = model.prompt_positions
         if positions - prompt < 1:
             raise ValueError(f"prompt_length={prompt} leaves no room for text in a backbone with "
                              f"{positions} positions")
         if config is not None and prompt + limit > positions:
-            # Never silently: the CLI refuses an explicit --max-length that does not fit (check_positions).
+            # Never silently: the CLI refuses an explicit --max-length that does not fit (check_prompt_fits).
             logger.warning("max_length: prompt_length + max_length = %d + %d = %d exceeds the backbone's "
-                           "max_position_embeddings=%d; texts are truncated to %d tokens", prompt, limit,
+                           "%d positions; texts are truncated to %d tokens", prompt, limit,
                            prompt + limit, positions, positions - prompt)
         limit = min(limit, positions - prompt)
     return int(limit)

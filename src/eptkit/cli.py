@@ -217,7 +217,7 @@ def load_data(options: dict[str, Any], seed: int):
 def train_command(args: argparse.Namespace) -> int:
     from accelerate.utils import set_seed
 
-    from .backbones import check_positions, load_backbone, resolve_model_path
+    from .backbones import check_prompt_fits, load_backbone, resolve_model_path
     from .baselines import build_model
     from .files import round_floats
     from .task_types import checkpoint_task_type
@@ -236,13 +236,13 @@ def train_command(args: argparse.Namespace) -> int:
     task_type = checkpoint_task_type(model_path, options.get("task_type") or "auto")
     set_seed(train_config.seed)
     backbone, tokenizer = load_backbone(model_path, task_type, spec)
-    if options["method"] == "pt" and task_type != "seq2seq" and "max_length" in options:  # an explicit one fits
-        check_positions(backbone, method_config, train_config.max_length)
     try:
         model = build_model(backbone, options["method"], method_config, tokenizer=tokenizer,
                             lora_r=options.get("lora_r") or 8, num_virtual_tokens=options.get("prompt_length") or 20)
     except TypeError as e:  # an unsupported model class
         raise UsageError(str(e)) from None
+    if model.max_length is None and task_type != "seq2seq" and "max_length" in options:  # an explicit one fits
+        check_prompt_fits(backbone, model.prompt_positions, train_config.max_length)
     run_info = {"backbone": model_path, "tokenizer": model_path, "task_type": task_type,
                 "num_labels": spec.num_labels, "method": options["method"],
                 "data_dir": options.get("data_dir"), "k_shot": options.get("k_shot")}
@@ -343,10 +343,9 @@ def _export_parser(parser):
 
 
 def export_command(args) -> int:
-    import shutil
-
-    from .model import export_peft, save_adapter
     from .baselines import PEFT_METHODS, copy_baseline, read_baseline_info
+    from .files import atomic_copy
+    from .model import export_peft, save_adapter
     from .runs import RUN_INFO_NAME, load_trained
 
     baseline = read_baseline_info(args.adapter) if Path(args.adapter).is_dir() else None
@@ -372,7 +371,7 @@ def export_command(args) -> int:
         save_adapter(model, out, compiled=True)
         run_file = Path(args.adapter) / RUN_INFO_NAME
         if run_file.is_file():
-            shutil.copyfile(run_file, out / RUN_INFO_NAME)
+            atomic_copy(run_file, out / RUN_INFO_NAME)
     print(json.dumps({"format": args.format, "output": str(out)}))
     return 0
 

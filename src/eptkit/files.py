@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -60,6 +61,11 @@ def atomic_write_json(path: Path, obj) -> None:
 
 def atomic_write_lines(path: Path, lines: list[str]) -> None:
     atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode())
+
+
+def atomic_copy(source: Path, path: Path) -> None:
+    """Copy a file's bytes (not its mode) atomically."""
+    _atomic(path, lambda tmp: shutil.copyfile(source, tmp))
 
 
 def atomic_torch_save(obj, path: Path) -> None:

@@ -26,7 +26,7 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .heads import apply_head, classification_loss, pool
-from .backbones import first_position, own_text_positions, positions_from_mask
+from .backbones import first_position, own_text_positions, positions_from_mask, usable_positions
 
 
 def add_offset(embeds, attention_mask, offset, offset_mask=None):
@@ -89,9 +89,15 @@ class MixedInputs:
     token_type_ids: torch.Tensor | None
     groups: list[tuple[str, torch.Tensor]]  # (adapter name, its row indices), in order of first use
     inverse: torch.Tensor  # rows of the grouped order -> the batch's order
+    text_attention_mask: torch.Tensor  # the text's own mask (batch x n; all ones when none was given)
 
     def ungroup(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat(parts)[self.inverse]
+        return _ungroup(parts, self.inverse)
+
+
+def _ungroup(parts: list[torch.Tensor], inverse: torch.Tensor) -> torch.Tensor:
+    """Per-group results (each group's rows in turn) back in the batch's row order."""
+    return torch.cat(parts)[inverse]
 
 
 def embed_rows(model, input_ids, attention_mask, adapter_names, *, offset_mask=None, token_type_ids=None,
@@ -104,6 +110,8 @@ def embed_rows(model, input_ids, attention_mask, adapter_names, *, offset_mask=N
               for name in dict.fromkeys(names)]
     sides = {name: model.adapters[name]() for name, _ in groups}
     longest = max(prompt.shape[0] for prompt, _ in sides.values())
+    if not left and not hasattr(model.backbone, "score"):
+        _check_padded_width(model, sides, input_ids.shape[1])
     embeds_all = model.word_embeddings(input_ids)
     parts, masks, text_masks, types = [], [], [], []
     for name, idx in groups:
@@ -132,11 +140,23 @@ def embed_rows(model, input_ids, attention_mask, adapter_names, *, offset_mask=N
     order = torch.cat([idx for _, idx in groups])
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(len(order), device=device)
-    def ungroup(tensors):
-        return torch.cat(tensors)[inverse]
+    return MixedInputs(_ungroup(parts, inverse), _ungroup(masks, inverse), _ungroup(text_masks, inverse),
+                       _ungroup(types, inverse) if types else None, groups, inverse, attention_mask)
 
-    return MixedInputs(ungroup(parts), ungroup(masks), ungroup(text_masks), ungroup(types) if types else None,
-                       groups, inverse)
+
+def _check_padded_width(model, sides: dict, n: int) -> None:
+    """In the right layout the backbone numbers every slot by its place, the padded ones after the
+    text included: each row then takes the widest prompt's positions plus the batch's text width,
+    which can exceed the backbone's positions although every adapter fits alone. Say so, by name."""
+    limit = usable_positions(model.backbone)
+    widest = max(sides, key=lambda name: sides[name][0].shape[0])
+    m = sides[widest][0].shape[0]
+    if limit is not None and m + n > limit:
+        raise ValueError(
+            f"adapter_names: a mixed batch pads every prompt to the widest, adapter {widest!r}'s {m} virtual "
+            f"tokens; with the batch's {n} text positions that makes {m + n}, more than the backbone's {limit} "
+            f"positions; truncate the texts to {limit - m} tokens or run the longer rows in a batch without {widest!r}"
+        )
 
 
 def mixed_forward(model, adapter_names, input_ids, attention_mask, labels, token_type_ids, **kwargs):
@@ -199,10 +219,9 @@ def _classify(model, adapter_names, input_ids, attention_mask, labels, token_typ
             start = first_position(backbone)
             positions = torch.arange(start, start + width, device=input_ids.device).expand(input_ids.shape[0], -1)
         positions = positions.clone()
-        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         for name, idx in own:
             m = model.configs[name].prompt_length
-            positions[idx, :m + n] = own_text_positions(backbone, mask[idx], m)
+            positions[idx, :m + n] = own_text_positions(backbone, x.text_attention_mask[idx], m)
         model_kwargs["position_ids"] = positions
     poolings = {name: model.configs[name].pooling for name, _ in x.groups}
     # Encoder heads with 'backbone' pooling read position 0 (the first virtual token) through the

@@ -156,6 +156,10 @@ class PromptedModel(AdapterStateMixin, nn.Module):
         return self.config
 
     @property
+    def prompt_positions(self) -> int:
+        return self.config.prompt_length
+
+    @property
     def hidden_size(self) -> int:
         return self.word_embeddings.weight.shape[1]
 

@@ -38,6 +38,11 @@ class TrainableModel(Protocol):
         """The prompt method's config (it sets the text length and occupies positions); None for baselines."""
 
     @property
+    def prompt_positions(self) -> int:
+        """Positions the method takes before the text (the prompt; PEFT's virtual tokens, 0 for LoRA):
+        the text's room is the backbone's positions less these (`eptkit.batching.text_max_length`)."""
+
+    @property
     def max_length(self) -> int | None:
         """The longest text in tokens the model accepts on its own (DePT/EPT's offset rows), or None."""
 
