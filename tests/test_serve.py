@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 import torch
 
-from eptkit.adapter_pool import AdapterPool
+from eptkit.adapter_pool import AdapterPool, length_groups
 from eptkit.cli import main
 from eptkit.runs import load_trained, predict_file
 from eptkit.serve import RunningServer, ServeConfig, load_pool
@@ -192,7 +192,9 @@ def test_concurrent_requests_for_two_adapters_share_one_forward(runs, expected):
         answers = _concurrently(s, [{"adapter": "ept", "rows": ROWS}, {"adapter": "pt", "rows": ROWS[5:]}])
         stats = call(s, "GET", "/health")[1]
     assert answers == [(200, {"predictions": expected["ept"]}), (200, {"predictions": expected["pt"][5:]})]
-    assert forwards == [["ept", "pt"]]  # one forward pass for both requests
+    # One batch; its rows go through passes by length (length_groups), at least one holding both adapters.
+    lengths = [len(r["input_ids"]) for r in pool.encode("ept", ROWS) + pool.encode("pt", ROWS[5:])]
+    assert ["ept", "pt"] in forwards and len(forwards) == len(length_groups(lengths)) < len(lengths)
     assert (stats["requests"], stats["batches"], stats["rows"]) == (2, 1, len(ROWS) + len(ROWS[5:]))
 
 
@@ -238,3 +240,12 @@ def test_binding_beyond_loopback_is_an_explicit_choice(runs, capsys):
     assert code == 2 and "allow-remote" in err and len(err.strip().splitlines()) == 1
     assert main(["serve", "--adapter", str(runs["ept"])]) == 2
     assert "NAME=DIR" in capsys.readouterr().err
+
+
+def test_rows_of_similar_length_share_a_pass():
+    lengths = [10, 12, 50, 11, 55, 128, 60, 13]
+    groups = length_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert groups == [[0, 3, 1, 7], [2, 4, 6], [5]]  # short, middle, long
+    for g in groups:  # padding to the group's longest row wastes at most 30%
+        assert len(g) * max(lengths[i] for i in g) <= 1.3 * sum(lengths[i] for i in g)

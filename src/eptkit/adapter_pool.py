@@ -136,11 +136,33 @@ class AdapterPool:
         return encoded
 
     def predict(self, names: list[str], rows: list[dict]) -> list:
-        """One mixed forward (or generate) for encoded rows, row i through adapter names[i]: each row's
-        prediction as `eptkit predict` writes it."""
+        """Mixed forward passes (or generate calls) for encoded rows, row i through adapter names[i]: each
+        row's prediction as `eptkit predict` writes it. Rows of similar length share a pass (`length_groups`)."""
         specs = [self.get(name).spec for name in names]
-        preds = predict_mixed(self.model, self.tokenizer, rows, specs, names)
-        return [prediction_label(spec, p) for spec, p in zip(specs, preds)]
+        out: list = [None] * len(rows)
+        for group in length_groups([len(r.get("source_input_ids", r["input_ids"])) for r in rows]):
+            preds = predict_mixed(self.model, self.tokenizer, [rows[i] for i in group], [specs[i] for i in group],
+                                  [names[i] for i in group])
+            for i, p in zip(group, preds):
+                out[i] = prediction_label(specs[i], p)
+        return out
 
     def describe(self) -> list[dict]:
         return [a.describe() for a in self.adapters.values()]
+
+
+def length_groups(lengths: list[int], waste: float = 0.3) -> list[list[int]]:
+    """Row indices in groups of similar length, shortest first: a group grows while padding every row to
+    its longest costs at most `waste` more tokens than the rows hold. On a CPU a forward pass costs about
+    what its padded tokens do, so one long row would otherwise make every short row beside it as slow."""
+    groups: list[list[int]] = []
+    total = 0
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        n = lengths[i]
+        if groups and (len(groups[-1]) + 1) * n <= (1 + waste) * (total + n):
+            groups[-1].append(i)
+            total += n
+        else:
+            groups.append([i])
+            total = n
+    return groups
