@@ -1,7 +1,7 @@
 """Load test of `eptkit serve` (issue 13): mixed-adapter batches against one request at a time.
 
     python benchmarks/serve_load.py [--clients 16] [--requests 600] [--duration 35] [--rows 1]
-                                    [--data-dir ../shared/data] [--output benchmarks/results/serve_cpu.md]
+                                    [--max-tokens 128] [--data-dir ../shared/data] [--output benchmarks/results/serve_cpu.md]
 
 Four adapters on the bundled MiniLM (EPT on RTE, DePT on MRPC, PT on CoLA, PT on RTE: different tasks
 and customers on one backbone; each trained for a step or so, since what is measured is serving,
@@ -51,7 +51,7 @@ ADAPTERS = {"rte-ept": ("rte", EPTConfig(prompt_length=20, rank=8, max_length=12
 MODES = {"batched": [], "one at a time": ["--max-batch-size", "1"]}
 
 
-def make_adapters(root: Path, data_dir: Path, steps: int) -> tuple[dict, dict]:
+def make_adapters(root: Path, data_dir: Path, steps: int, max_tokens: int = 128) -> tuple[dict, dict]:
     """Train the adapters briefly; ({name: dir}, {name: request rows of its task's test split})."""
     from eptkit.backbones import load_backbone
     from eptkit.model import get_prompted_model
@@ -67,7 +67,7 @@ def make_adapters(root: Path, data_dir: Path, steps: int) -> tuple[dict, dict]:
         dirs[name] = root / name
         spec, test = get_task(task), data["test"]
         # The server refuses rows over max_length (eptkit predict would truncate them): send rows that fit.
-        fitting = (r for r in test if len(tok(*spec.segments(r))["input_ids"]) <= 128)
+        fitting = (r for r in test if len(tok(*spec.segments(r))["input_ids"]) <= max_tokens)
         rows[name] = [{f: r[f] for f in spec.text_fields} for r, _ in zip(fitting, range(64))]
     return dirs, rows
 
@@ -168,7 +168,7 @@ def health(port: int) -> dict:
 def run(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        dirs, rows = make_adapters(tmp, Path(args.data_dir), args.train_steps)
+        dirs, rows = make_adapters(tmp, Path(args.data_dir), args.train_steps, args.max_tokens)
         expected = expected_answers(dirs, rows, tmp)
         results = {}
         for mode, extra in MODES.items():
@@ -176,7 +176,7 @@ def run(args) -> dict:
             try:
                 results[mode] = load(port, rows, expected, args)
                 stats = health(port)
-                results[mode]["rows_per_forward"] = round(stats["rows"] / max(stats["batches"], 1), 2)
+                results[mode]["rows_per_batch"] = round(stats["rows"] / max(stats["batches"], 1), 2)
             finally:
                 proc.terminate()
                 proc.wait(30)
@@ -196,12 +196,13 @@ def write(result: dict, output: Path) -> None:
              f"Command: `{result['command']}`; {result['date']}; {result['machine']['cpus']} CPUs, load average "
              f"{', '.join(f'{x:.2f}' for x in result['machine']['load_average'])} at the end (other jobs running). "
              "Bundled all-MiniLM-L6-v2, four adapters (EPT/RTE, DePT/MRPC, PT/CoLA, PT/RTE), server with one torch "
-             f"thread, {result['settings']['clients']} clients, {result['settings']['rows']} row(s) per request.", "",
-             "| mode | requests | throughput (req/s) | p50 (ms) | p99 (ms) | rows per forward | answers != eptkit predict |",
+             f"thread, {result['settings']['clients']} clients, {result['settings']['rows']} row(s) per request, "
+             f"test rows of at most {result['settings']['max_tokens']} tokens.", "",
+             "| mode | requests | throughput (req/s) | p50 (ms) | p99 (ms) | rows per batch | answers != eptkit predict |",
              "|---|---|---|---|---|---|---|"]
     for mode, m in r.items():
         lines.append(f"| {mode} | {m['requests']} | {m['throughput_rps']} | {m['p50_ms']} | {m['p99_ms']} | "
-                     f"{m['rows_per_forward']} | {m['wrong_answers']} |")
+                     f"{m['rows_per_batch']} | {m['wrong_answers']} |")
     met = result["speedup"] >= 2 and result["p99_ratio"] <= 1
     lines += ["", f"Speed-up (throughput batched / one at a time): **{result['speedup']}x**; p99 batched / one at a "
                   f"time: {result['p99_ratio']}. Target ({result['target']}): **{'met' if met else 'not met'}**.", ""]
@@ -218,6 +219,7 @@ def main(argv=None) -> None:
     p.add_argument("--duration", type=float, default=35, help="Most seconds per mode.")
     p.add_argument("--rows", type=int, default=1, help="Rows per request.")
     p.add_argument("--train-steps", type=int, default=1, help="Training steps per adapter.")
+    p.add_argument("--max-tokens", type=int, default=128, help="Send test rows of at most this many tokens.")
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "serve_cpu.md"))
     args = p.parse_args(argv)
