@@ -19,6 +19,7 @@ from eptkit.adapter_pool import AdapterPool, length_groups
 from eptkit.cli import main
 from eptkit.runs import load_trained, predict_file
 from eptkit.serve import RunningServer, ServeConfig, load_pool
+from eptkit.tasks.registry import TaskSpec
 from eptkit.train import train
 from test_train import make_model, quick_config, synthetic_cb, tiny_models  # noqa: F401  (fixture)
 
@@ -249,3 +250,26 @@ def test_rows_of_similar_length_share_a_pass():
     assert groups == [[0, 3, 1, 7], [2, 4, 6], [5]]  # short, middle, long
     for g in groups:  # padding to the group's longest row wastes at most 30%
         assert len(g) * max(lengths[i] for i in g) <= 1.3 * sum(lengths[i] for i in g)
+
+
+def test_text_to_text_adapters_mix_and_answer_as_predict(tiny_models, tmp_path, monkeypatch):  # noqa: F811
+    """Generation: rows of two T5 adapters in one generate call, each answer what `predict_file` writes.
+    Tiny random T5s generate no label word, so every answer would be None: a checksum of the generated
+    text stands in for the label, making any difference in the generated text show."""
+    monkeypatch.setattr(TaskSpec, "parse_label", lambda self, text: sum(map(ord, text)) % 3)
+    dirs = {}
+    for method in ("pt", "ept"):
+        model, tok = make_model(tiny_models["t5"], method, task_type="seq2seq")
+        train(model, tok, "cb", synthetic_cb(), quick_config(tmp_path / method, max_steps=1, eval_steps=1),
+              run_info={"backbone": tiny_models["t5"]})
+        dirs[method] = tmp_path / method
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    expected = {m: [r["prediction"] for r in predict_file(*load_trained(d), path)] for m, d in dirs.items()}
+    pool = load_pool({m: str(d) for m, d in dirs.items()}, config())
+    names = ["pt", "ept"] * len(ROWS)
+    rows = [r for row in ROWS for r in (row, row)]
+    encoded = [pool.encode(name, [row])[0] for name, row in zip(names, rows)]
+    answers = pool.predict(names, encoded)
+    assert answers[0::2] == expected["pt"] and answers[1::2] == expected["ept"]
+    assert len(set(expected["pt"] + expected["ept"])) > 1

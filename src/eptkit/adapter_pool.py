@@ -1,8 +1,8 @@
 """Many trained adapters on one frozen backbone, answering mixed batches: what `eptkit serve` holds.
 
-The pool owns one `PromptedModel` and adds or drops named adapters on it at run time. A batch of
-requests for different adapters is one forward pass (`eptkit.mixed`): every row goes through its own
-adapter and comes back as `eptkit predict` writes it (label name, score, or None).
+The pool owns one `PromptedModel` and adds or drops named adapters on it at run time. Rows for different
+adapters share forward passes (`eptkit.mixed`; rows of similar length together, `length_groups`): every
+row goes through its own adapter and comes back as `eptkit predict` writes it (label name, score, or None).
 
 Every adapter must come from the pool's backbone: the one the first adapter's run records. An adapter
 whose run records another backbone, or whose shapes do not fit it, is refused with the reason; so are the
@@ -89,6 +89,7 @@ class AdapterPool:
         parameters = sum(t.numel() for t in [*state.values(), *head.values()] if t is not None)
         if self.fold:
             fold_adapter(self.model, name)
+        # Runs record the text length they trained with; else the method's own, else TrainConfig's default.
         max_length = trained.run.get("max_length") or getattr(config, "max_length", None) or 256
         compiled = isinstance(self.model.adapters[name], CompiledPrompt)  # folded here, or saved compiled
         self.adapters[name] = ServedAdapter(name, Path(directory), trained.spec, method or config.method, parameters,

@@ -19,7 +19,8 @@ longer than its adapter's max_length (the server never truncates, unlike `eptkit
 adapter directory refused at load (corrupted, truncated, another backbone).
 
 Batching: requests wait in one queue; the batcher takes the first, then whatever else arrives within
-batch_window_ms, up to max_batch_size rows, and runs them as one mixed batch on the worker thread.
+batch_window_ms, up to max_batch_size rows, and runs them as one mixed batch on the worker thread (rows
+of similar length share a forward pass: `eptkit.adapter_pool.length_groups`).
 Loads and unloads go through the same queue, so a request accepted before an unload is still answered
 and nothing ever runs beside a forward pass.
 """
@@ -46,20 +47,22 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 @dataclass
 class ServeConfig:
-    host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on (default: loopback only)."})
+    host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on; the default, 127.0.0.1, is loopback only."})
     port: int = field(default=8000, metadata={"help": "Port (0: any free port)."})
     allow_remote: bool = field(default=False, metadata={
         "help": "Allow a --host beyond loopback. The server has no authentication or TLS: put it behind a proxy."})
     model: str | None = field(default=None, metadata={
         "help": "Backbone path or Hub id for every adapter (default: the one their runs record; all must agree)."})
     max_batch_size: int = field(default=64, metadata={
-        "help": "Most rows in one forward pass; 1 serves each request alone (no batching across requests)."})
+        "help": "Most rows in one batch (served by one or a few forward passes of rows of similar length); "
+                "1 serves each request alone (no batching across requests)."})
     batch_window_ms: float = field(default=5.0, metadata={
         "help": "How long the first request of a batch waits for others to join it, in milliseconds."})
     max_rows: int = field(default=64, metadata={"help": "Most rows in one request (more: 413)."})
     max_body_bytes: int = field(default=1 << 20, metadata={"help": "Largest request body in bytes (more: 413)."})
     fold: bool = field(default=True, metadata={
-        "help": "Fold each adapter's prompt side into constants at load (a compiled adapter; inference only)."})
+        "help": "Fold each adapter's prompt side into constants at load, as a compiled adapter (the default; "
+                "--no-fold keeps the adapters as trained)."})
     log_level: str = field(default="info", metadata={"help": "uvicorn's log level (info logs every request)."})
 
     def __post_init__(self):
@@ -413,7 +416,9 @@ def add_arguments(parser) -> None:
                                 help=f.metadata["help"])
             continue
         kind = {"int": int, "float": float}.get(str(f.type), str)
-        parser.add_argument(flag, type=kind, default=f.default, help=f"{f.metadata['help']} (default: {f.default})")
+        given = "default" in f.metadata["help"] or f.default is None  # the help says it already
+        parser.add_argument(flag, type=kind, default=f.default,
+                            help=f.metadata["help"] + ("" if given else f" (default: {f.default})"))
 
 
 def run_command(args) -> int:
