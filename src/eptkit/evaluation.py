@@ -69,10 +69,10 @@ def predict_mixed(model, tokenizer, rows: list[dict], specs: list, adapter_names
     """Predictions for one batch of encoded rows, row i of task specs[i] through adapter adapter_names[i] (a
     mixed batch, `eptkit.mixed`): what `predict_rows` gives each row with its own adapter alone. A text-to-text
     row's generated tokens are cut to its own task's budget, so a longer budget of another task changes nothing."""
-    budgets = {spec.name: _label_budget(spec, tokenizer) for spec in specs}
+    budgets = {spec: _label_budget(spec, tokenizer) for spec in set(specs)}
     device = next(model.parameters()).device
     collate = Collator(tokenizer, model.task_type)
-    values = _batch_values(model, tokenizer, collate, rows, specs, [budgets[s.name] for s in specs], device,
+    values = _batch_values(model, tokenizer, collate, rows, specs, [budgets[s] for s in specs], device,
                            adapter_names)
     return [_prediction(v, spec) for v, spec in zip(values, specs)]
 
