@@ -150,8 +150,12 @@ def test_corrupted_or_foreign_adapters_are_refused_at_load(server, runs, tmp_pat
     shutil.copytree(runs["ept"], broken, ignore=shutil.ignore_patterns("checkpoints"))
     weights = broken / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-7])
+    pickled = tmp_path / "dept"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_text(json.dumps({"peft_type": "PROMPT_TUNING_LORA"}))
+    (pickled / "adapter_model.bin").write_bytes(b"\x80\x04 never unpickled")
     cases = {str(broken): "truncated or corrupted", str(runs["wide"]): "backbone",
-             str(tmp_path / "none"): "not found"}
+             str(tmp_path / "none"): "not found", str(pickled): "safetensors only"}
     for path, needle in cases.items():
         status, body = call(server, "POST", "/adapters", {"name": "x", "path": path})
         assert status == 422 and needle in body["error"] and path in body["error"], body

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .adapter_files import AdapterError
+from .adapter_files import DEPT_WEIGHTS_NAME, WEIGHTS_NAME, AdapterError
 from .backbones import load_backbone, resolve_model_path
 from .config import PROMPT_METHODS
 from .evaluation import predict_mixed
@@ -70,6 +70,11 @@ class AdapterPool:
         """Add the trained adapter in `directory` under `name`; AdapterError/DataError say why one is refused."""
         if name in self.adapters:
             raise NameConflict(f"name: an adapter named {name!r} is loaded already; unload it first")
+        pickled = Path(directory) / DEPT_WEIGHTS_NAME
+        if pickled.is_file() and not (Path(directory) / WEIGHTS_NAME).is_file():
+            # Even weights-only unpickling is more than a server that loads adapters on request should run.
+            raise AdapterError(f"{pickled}: a DePT checkpoint is a pickle and the server reads safetensors only; "
+                               "convert it first (eptkit export --format compiled)")
         trained = read_trained(directory, model=self.override)
         method = (trained.baseline or {}).get("method") or trained.run.get("method")
         if trained.baseline is not None:

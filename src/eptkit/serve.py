@@ -16,7 +16,8 @@ Every error is a 4xx/5xx with a one-line JSON body {"error": "..."} naming the p
 JSON or a missing/ill-typed field, 404 an unknown adapter or route, 409 an adapter name in use (or
 the last adapter unloaded), 413 a body over max_body_bytes or more rows than max_rows, 422 a row
 longer than its adapter's max_length (the server never truncates, unlike `eptkit predict`) or an
-adapter directory refused at load (corrupted, truncated, another backbone).
+adapter directory refused at load (corrupted, truncated, another backbone, a pickle: only safetensors
+and JSON are read).
 
 Batching: requests wait in one queue; the batcher takes the first, then whatever else arrives within
 batch_window_ms, up to max_batch_size rows, and runs them as one mixed batch on the worker thread (rows
