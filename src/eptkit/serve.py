@@ -192,7 +192,7 @@ class Batcher:
             results = await work
         except Exception as e:  # noqa: BLE001 - a failure of the whole batch answers each of its requests
             results = [e] * len(jobs)
-        for job, result in zip(jobs, results if isinstance(results, list) else [results]):
+        for job, result in zip(jobs, results):
             if job.future.done():  # the client went away
                 continue
             if isinstance(result, BaseException):
@@ -202,6 +202,7 @@ class Batcher:
 
 
 def _run_control(pool: AdapterPool, action) -> list:
+    """On the model thread, between batches: a load or an unload; [its result or its error]."""
     try:
         return [action(pool)]
     except Exception as e:  # noqa: BLE001 - returned to the one request that asked
