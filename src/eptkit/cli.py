@@ -429,6 +429,12 @@ def bench_command(args) -> int:
     return 0
 
 
+@register_command("serve", "serve adapters over HTTP: one backbone, concurrent requests in mixed batches")
+def _serve_parser(parser):
+    from .serve import add_arguments, run_command  # the server lives in the library
+    return add_arguments(parser) or run_command
+
+
 # ============================================================================ main
 register_command("train", f"train an adapter ({', '.join(PROMPT_METHODS)}) or a baseline "
                           f"({', '.join(m for m in METHOD_NAMES if m not in PROMPT_METHODS)}) on a task")(_train_parser)

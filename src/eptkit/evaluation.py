@@ -42,28 +42,13 @@ def predict_rows(model, tokenizer, spec, rows: list[dict], *, batch_size: int = 
     mine = [(rank + world * i) % n for i in range(per_proc)]  # padded by wrapping: equal shards
     collate = Collator(tokenizer, model.task_type)
     budget = max_new_tokens or _label_budget(spec, tokenizer)
-    pad_id = collate.pad_id
     preds: list[float] = []
     autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
     with autocast:
         for start in range(0, len(mine), batch_size):
-            batch = collate([rows[i] for i in mine[start:start + batch_size]])
-            if model.task_type == "classification":
-                inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids")
-                          if k in batch}
-                logits = model(**inputs).logits.float()
-                values = logits[:, 0] if spec.is_regression else logits.argmax(-1).float()
-                preds.extend(values.cpu().tolist())
-                continue
-            if model.task_type == "causal":
-                ids, mask = batch["source_input_ids"], batch["source_attention_mask"]
-            else:
-                ids, mask = batch["input_ids"], batch["attention_mask"]
-            new = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=budget,
-                                 do_sample=False, num_beams=1, pad_token_id=pad_id)
-            for text in tokenizer.batch_decode(new, skip_special_tokens=True):
-                value = spec.parse_label(text)
-                preds.append(float("nan") if value is None else float(value))
+            chunk = [rows[i] for i in mine[start:start + batch_size]]
+            preds.extend(_batch_values(model, tokenizer, collate, chunk, [spec] * len(chunk), [budget] * len(chunk),
+                                       device))
     if accelerator is not None and world > 1:
         t = torch.tensor(preds, dtype=torch.float64, device=device)
         idx = torch.tensor(mine, dtype=torch.long, device=device)
@@ -76,13 +61,50 @@ def predict_rows(model, tokenizer, spec, rows: list[dict], *, batch_size: int = 
         preds = preds[:n]
     if was_training:
         model.train()
-    out = []
-    for v in preds:
-        if math.isnan(v):
-            out.append(None)
-        else:
-            out.append(v if spec.is_regression else int(v))
-    return out
+    return [_prediction(v, spec) for v in preds]
+
+
+@torch.no_grad()
+def predict_mixed(model, tokenizer, rows: list[dict], specs: list, adapter_names: list[str]) -> list:
+    """Predictions for one batch of encoded rows, row i of task specs[i] through adapter adapter_names[i] (a
+    mixed batch, `eptkit.mixed`): what `predict_rows` gives each row with its own adapter alone. A text-to-text
+    row's generated tokens are cut to its own task's budget, so a longer budget of another task changes nothing."""
+    budgets = {spec: _label_budget(spec, tokenizer) for spec in set(specs)}
+    device = next(model.parameters()).device
+    collate = Collator(tokenizer, model.task_type)
+    values = _batch_values(model, tokenizer, collate, rows, specs, [budgets[s] for s in specs], device,
+                           adapter_names)
+    return [_prediction(v, spec) for v, spec in zip(values, specs)]
+
+
+def _batch_values(model, tokenizer, collate: Collator, rows: list[dict], specs: list, budgets: list[int], device,
+                  adapter_names: list[str] | None = None) -> list[float]:
+    """One batch of encoded rows -> a float per row (class id, score, or NaN where generated text is not a label)."""
+    batch = collate(rows)
+    mixed = {} if adapter_names is None else {"adapter_names": adapter_names}
+    if model.task_type == "classification":
+        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        logits = model(**inputs, **mixed).logits.float()
+        first, best = logits[:, 0].cpu().tolist(), logits.argmax(-1).float().cpu().tolist()
+        return [f if spec.is_regression else b for f, b, spec in zip(first, best, specs)]
+    if model.task_type == "causal":
+        ids, mask = batch["source_input_ids"], batch["source_attention_mask"]
+    else:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+    new = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(budgets),
+                         do_sample=False, num_beams=1, pad_token_id=collate.pad_id, **mixed)
+    texts = tokenizer.batch_decode([row[:budget] for row, budget in zip(new, budgets)], skip_special_tokens=True)
+    values = []
+    for text, spec in zip(texts, specs):
+        value = spec.parse_label(text)
+        values.append(float("nan") if value is None else float(value))
+    return values
+
+
+def _prediction(value: float, spec):
+    if math.isnan(value):
+        return None
+    return value if spec.is_regression else int(value)
 
 
 def references(spec, rows: list[dict]) -> list:

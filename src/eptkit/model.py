@@ -381,12 +381,36 @@ def load_adapter(model: nn.Module, directory, *, adapter_name: str = "default") 
     except ValueError as e:
         if existing is not None:
             prompted.set_adapter(active)
-            for table in (prompted.adapters, prompted.heads, prompted.configs):
-                if adapter_name in table:
-                    del table[adapter_name]
+            remove_adapter(prompted, adapter_name)
         raise AdapterError(f"{files.weights_path}: {e}") from None
     prompted.set_adapter(active)
     return prompted.eval() if files.compiled and existing is None else prompted
+
+
+def remove_adapter(model: PromptedModel, name: str) -> None:
+    """Drop adapter `name` (its prompt method, head and config) from `model`; if it was the active one,
+    another becomes active. The last adapter cannot go: a PromptedModel always has one."""
+    if name not in model.adapters:
+        raise ValueError(f"adapter_name: no adapter named {name!r}; have {sorted(model.adapters)}")
+    if len(model.adapters) == 1:
+        raise ValueError(f"adapter_name: {name!r} is the model's only adapter; add another before removing it")
+    if model.active_adapter == name:
+        model.set_adapter(next(n for n in model.adapters if n != name))
+    for table in (model.adapters, model.heads, model.configs):
+        if name in table:
+            del table[name]
+
+
+@torch.no_grad()
+def fold_adapter(model: PromptedModel, name: str) -> None:
+    """Fold adapter `name`'s prompt side into constants in place (what `fold_prompt` does for a copy of the
+    active adapter): inference only, EPT's fusion and projection then cost nothing per batch."""
+    method = model.adapters[name]
+    if not isinstance(method, CompiledPrompt):
+        was_training = method.training
+        prompt, offset = method.eval()()
+        method.train(was_training)
+        model.adapters[name] = CompiledPrompt(prompt, offset)
 
 
 def export_peft(model: PromptedModel, directory):

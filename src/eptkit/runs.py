@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from .adapter_files import CONFIG_NAME, AdapterError, read_json
@@ -23,7 +24,7 @@ from .evaluation import evaluate_rows, predict_rows
 from .model import load_adapter
 from .task_types import checkpoint_task_type
 from .tasks.errors import DataError
-from .tasks.formatting import encode
+from .tasks.formatting import encode, encode_rows
 from .tasks.loading import check_columns, load_files, load_labelled_file, load_task, read_rows
 from .tasks.registry import TaskSpec, get_task
 
@@ -77,43 +78,58 @@ def task_spec_for(run: dict, task: str | None) -> TaskSpec:
     raise DataError("the adapter does not record its task; pass --task")
 
 
-def load_trained(adapter_dir, *, model: str | None = None, task: str | None = None):
-    """(model, tokenizer, spec, run info) for a trained output dir or adapter dir: every method `train`
-    offers (prompt adapters, and the baselines' own formats, `eptkit.baselines.load_baseline`).
+@dataclass
+class TrainedAdapter:
+    """What a trained output dir (or adapter dir) says about itself, read before any model is built."""
+
+    directory: Path
+    spec: TaskSpec
+    run: dict  # eptkit_run.json ({} for a bare adapter directory)
+    model_path: str  # the backbone: the one asked for, else the one the run recorded
+    task_type: str
+    num_labels: int | None  # classifiers: the head's output units
+    baseline: dict | None  # eptkit_baseline.json of a LoRA/P-tuning/prefix/full/head run; None for a prompt adapter
+
+
+def read_trained(adapter_dir, *, model: str | None = None, task: str | None = None) -> TrainedAdapter:
+    """Read (and check) a trained output dir or adapter dir without loading any weights.
 
     model: backbone path or Hub id (default: the one the run recorded); task: likewise."""
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise AdapterError(f"{adapter_dir}: adapter directory not found")
     run = read_run_info(adapter_dir)
-    baseline = read_baseline_info(adapter_dir)
-    if baseline is not None:
-        return _load_baseline_run(adapter_dir, baseline, run, task_spec_for(run, task), model)
-    config_path = adapter_dir / CONFIG_NAME
-    if not config_path.is_file():
-        raise AdapterError(f"{config_path}: not found; not an output directory of `eptkit train` or an adapter")
-    saved = read_json(config_path)
+    saved = read_baseline_info(adapter_dir)
+    baseline = saved
+    if saved is None:
+        config_path = adapter_dir / CONFIG_NAME
+        if not config_path.is_file():
+            raise AdapterError(f"{config_path}: not found; not an output directory of `eptkit train` or an adapter")
+        saved = read_json(config_path)
+        if "method" not in saved and "peft_type" not in saved:
+            raise AdapterError(f"{config_path}: not an eptkit adapter (no 'method')")
     spec = task_spec_for(run, task)
-    if "method" not in saved and "peft_type" not in saved:
-        raise AdapterError(f"{config_path}: not an eptkit adapter (no 'method')")
-    model_path = resolve_model_path(model or run.get("backbone"))
+    model_path = resolve_model_path(model or run.get("backbone") or (saved.get("backbone") if baseline else None))
     task_type = run.get("task_type") or saved.get("task_type") or checkpoint_task_type(model_path)
     num_labels = saved.get("num_labels") if task_type == "classification" else None
-    if task_type == "classification" and num_labels is not None and num_labels != spec.num_labels:
-        raise DataError(f"{adapter_dir}: adapter has {num_labels} classes, task {spec.name!r} has {spec.num_labels}")
-    backbone, tokenizer = load_backbone(model_path, task_type, spec, num_labels=num_labels)
-    # load_adapter restores the saved config, pooling included.
-    return load_adapter(backbone, adapter_dir).eval(), tokenizer, spec, run
-
-
-def _load_baseline_run(adapter_dir: Path, info: dict, run: dict, spec: TaskSpec, model: str | None):
-    model_path = resolve_model_path(model or run.get("backbone") or info.get("backbone"))
-    task_type = run.get("task_type") or info.get("task_type") or checkpoint_task_type(model_path)
-    num_labels = info.get("num_labels") if task_type == "classification" else None
     if num_labels is not None and num_labels != spec.num_labels:
-        raise DataError(f"{adapter_dir}: the model has {num_labels} classes, task {spec.name!r} has {spec.num_labels}")
-    backbone, tokenizer = load_backbone(model_path, task_type, spec)
-    return load_baseline(backbone, adapter_dir), tokenizer, spec, run
+        what = "the model" if baseline else "adapter"
+        raise DataError(f"{adapter_dir}: {what} has {num_labels} classes, task {spec.name!r} has {spec.num_labels}")
+    return TrainedAdapter(adapter_dir, spec, run, model_path, task_type, num_labels, baseline)
+
+
+def load_trained(adapter_dir, *, model: str | None = None, task: str | None = None):
+    """(model, tokenizer, spec, run info) for a trained output dir or adapter dir: every method `train`
+    offers (prompt adapters, and the baselines' own formats, `eptkit.baselines.load_baseline`).
+
+    model: backbone path or Hub id (default: the one the run recorded); task: likewise."""
+    t = read_trained(adapter_dir, model=model, task=task)
+    if t.baseline is not None:
+        backbone, tokenizer = load_backbone(t.model_path, t.task_type, t.spec)
+        return load_baseline(backbone, t.directory), tokenizer, t.spec, t.run
+    backbone, tokenizer = load_backbone(t.model_path, t.task_type, t.spec, num_labels=t.num_labels)
+    # load_adapter restores the saved config, pooling included.
+    return load_adapter(backbone, t.directory).eval(), tokenizer, t.spec, t.run
 
 
 def run_text_max_length(model, run: dict) -> int:
@@ -159,26 +175,34 @@ def _custom_split(spec: TaskSpec, run: dict, split: str):
 
 def predict_file(model, tokenizer, spec, run: dict, path, *, batch_size: int = 64) -> list[dict]:
     """Label the rows of a .jsonl/.csv/.tsv file: each row plus "prediction" (label name, score, or None)."""
-    import datasets
-
     path = Path(path)
     numbered = read_rows(path)
     check_columns(path, numbered, spec.text_fields, f"task {spec.name!r} reads {list(spec.text_fields)}")
     raw = [row for _, row in numbered]
-    cols = {f: [r.get(f) for r in raw] for f in spec.text_fields}
-    cols["label"] = [0.0 if spec.is_regression else 0] * len(raw)  # the encoder wants a label; predictions ignore it
-    cols["idx"] = list(range(len(raw)))
-    if spec.group_field:
-        cols[spec.group_field] = [str(r.get(spec.group_field, f"row-{i}")) for i, r in enumerate(raw)]
-    rows = encode(datasets.Dataset.from_dict(cols), spec, tokenizer, model.task_type,
-                  run_text_max_length(model, run), truncation=True, split="input").to_list()
+    rows, _ = encode_input_rows(raw, spec, tokenizer, model.task_type, run_text_max_length(model, run),
+                                truncation=True)
     preds = predict_rows(model, tokenizer, spec, rows, batch_size=batch_size)
-    labelled = []
-    for row, p in zip(raw, preds):
-        label = p if spec.is_regression or p is None else spec.label_names[p]
-        labelled.append({**row, "prediction": label})
-    return labelled
+    return [{**row, "prediction": prediction_label(spec, p)} for row, p in zip(raw, preds)]
 
 
-__all__ = ["RUN_INFO_NAME", "LOG_NAME", "RESULTS_NAME", "prepare_output_dir", "read_run_info", "task_spec_for", "load_trained",
-           "run_text_max_length", "evaluate_trained", "predict_file"]
+def encode_input_rows(raw: list[dict], spec: TaskSpec, tokenizer, task_type: str, max_length: int, *,
+                      truncation: bool, split: str = "input") -> tuple[list[dict], int]:
+    """Unlabelled rows (the task's text fields, checked) as the model's encoded rows: (rows, number truncated).
+    Shared by `predict_file` and the server (`eptkit.serve`), so both tokenize a row alike."""
+    cols = [{f: r[f] for f in spec.text_fields} for r in raw]
+    for i, (row, r) in enumerate(zip(cols, raw)):
+        row["label"] = 0.0 if spec.is_regression else 0  # the encoder wants a label; predictions ignore it
+        row["idx"] = i
+        if spec.group_field:
+            row[spec.group_field] = str(r.get(spec.group_field, f"row-{i}"))
+    return encode_rows(cols, spec, tokenizer, task_type, max_length, truncation=truncation, split=split)
+
+
+def prediction_label(spec: TaskSpec, prediction):
+    """A prediction as `eptkit predict` writes it: the class name, the score (regression), or None."""
+    return prediction if spec.is_regression or prediction is None else spec.label_names[prediction]
+
+
+__all__ = ["RUN_INFO_NAME", "LOG_NAME", "RESULTS_NAME", "prepare_output_dir", "read_run_info", "task_spec_for",
+           "TrainedAdapter", "read_trained", "load_trained", "run_text_max_length", "evaluate_trained", "predict_file",
+           "encode_input_rows", "prediction_label"]

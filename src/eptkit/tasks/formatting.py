@@ -54,10 +54,7 @@ def encode(data: datasets.Dataset | datasets.DatasetDict, spec: str | TaskSpec, 
         return datasets.DatasetDict({name: encode(ds, spec, tokenizer, task_type, max_length, truncation=truncation,
                                                   split=name, stats=stats) for name, ds in data.items()})
     spec = get_task(spec)
-    if task_type not in TASK_TYPES:
-        raise ValueError(f"task_type must be one of {TASK_TYPES}, got {task_type!r}")
-    if max_length < 1:
-        raise ValueError(f"max_length must be positive, got {max_length}")
+    _check_encode_args(task_type, max_length)
     where = f"task {spec.name!r} split {split or getattr(data, 'split', None) or '?'!r}"
     if len(data) == 0:
         raise DataError(f"{where}: empty split")
@@ -71,6 +68,41 @@ def encode(data: datasets.Dataset | datasets.DatasetDict, spec: str | TaskSpec, 
     if n_cut:
         logger.warning("%s: truncated %d of %d rows to max_length=%d", where, n_cut, len(out), max_length)
     return out.remove_columns("_truncated")
+
+
+def encode_rows(rows: list[dict], spec: str | TaskSpec, tokenizer, task_type: str, max_length: int, *,
+                truncation: bool = False, split: str = "input") -> tuple[list[dict], int]:
+    """`encode` for rows already in memory (each with the text fields and a `label`), without `datasets`:
+    (encoded rows, number truncated). Same tokens as `encode`, at a fraction of the cost per call (no
+    Arrow table, no map), which is what a server answering small requests needs."""
+    spec = get_task(spec)
+    _check_encode_args(task_type, max_length)
+    where = f"task {spec.name!r} split {split!r}"
+    if not rows:
+        raise DataError(f"{where}: empty split")
+    columns = {key: [r[key] for r in rows] for key in rows[0]}
+    out = _Builder(spec, tokenizer, task_type, max_length, truncation, where)(columns, list(range(len(rows))))
+    n_cut = sum(out.pop("_truncated"))
+    if n_cut:
+        logger.warning("%s: truncated %d of %d rows to max_length=%d", where, n_cut, len(rows), max_length)
+    if spec.group_field and spec.group_field in columns:
+        out[spec.group_field] = columns[spec.group_field]
+    return [dict(zip(out, values)) for values in zip(*out.values())], n_cut
+
+
+def _check_encode_args(task_type: str, max_length: int) -> None:
+    if task_type not in TASK_TYPES:
+        raise ValueError(f"task_type must be one of {TASK_TYPES}, got {task_type!r}")
+    if max_length < 1:
+        raise ValueError(f"max_length must be positive, got {max_length}")
+
+
+class RowTooLong(DataError):
+    """A row over max_length where truncation is off; `row`, `length` and `max_length` say which and by how much."""
+
+    def __init__(self, message: str, row: int, length: int, max_length: int):
+        super().__init__(message)
+        self.row, self.length, self.max_length = row, length, max_length
 
 
 @dataclass
@@ -89,8 +121,8 @@ class _Builder:
         return getattr(self, self.task_type)(rows, indices)
 
     def _too_long(self, index: int, length: int) -> DataError:
-        return DataError(f"{self.where} row {index}: {length} tokens exceed max_length={self.max_length}; "
-                         f"raise max_length or pass truncation=True")
+        return RowTooLong(f"{self.where} row {index}: {length} tokens exceed max_length={self.max_length}; "
+                          f"raise max_length or pass truncation=True", index, length, self.max_length)
 
     def _check(self, lengths, indices) -> list[bool]:
         over = [n > self.max_length for n in lengths]

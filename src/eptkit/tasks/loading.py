@@ -290,17 +290,20 @@ def load_files(train, validation=None, test=None, *, text_columns: tuple[str, ..
     return _to_datasets({s: columns[s] for s in ("train", "validation", "test")}), spec
 
 
-def check_columns(path, rows: list[tuple[int, dict]], needed, what: str) -> None:
-    """Every row has the `needed` columns as text, or a DataError naming the columns the file has."""
+def check_columns(path, rows: list[tuple[int, dict]], needed, what: str, *, row_noun: str | None = None) -> None:
+    """Every row has the `needed` columns as text, or a DataError naming the columns the file has.
+    row_noun: rows held in memory (a request's), named `path[no]` and described as `row_noun` has..."""
     for no, row in rows:
+        where = f"{path}[{no}]" if row_noun else f"{path}:{no}"
         missing = [c for c in needed if c not in row]
         if missing:
-            raise DataError(f"{path}:{no}: no column(s) {missing} ({what}); the file has the columns {list(row)}")
+            raise DataError(f"{where}: no column(s) {missing} ({what}); {row_noun or 'the file'} has the "
+                            f"columns {list(row)}")
         for c in needed:
             try:
                 check_text(row[c], f"column {c!r}")
             except ValueError as e:
-                raise DataError(f"{path}:{no}: {e}") from None
+                raise DataError(f"{where}: {e}") from None
 
 
 def load_labelled_file(path, spec: TaskSpec, *, label_column: str = "label") -> datasets.Dataset:
