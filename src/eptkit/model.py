@@ -37,6 +37,7 @@ from .config import PromptTuningConfig
 from .heads import apply_head, classification_loss, find_head_name, pool
 from .methods import build_method
 from .mixed import add_offset, check_text_inputs, mixed_forward, mixed_generate_inputs
+from .prefix import CompiledPrefix, causal_forward, generate_with_prefix, generation_applies, prefix_applies
 from .task_types import detect_task_type
 from .trainable import AdapterStateMixin
 
@@ -49,6 +50,7 @@ class CompiledPrompt(nn.Module):
         super().__init__()
         self.register_buffer("prompt_embeddings", prompt.detach().clone())
         self.register_buffer("offset", None if offset is None else offset.detach().clone())
+        self.prefix = CompiledPrefix()  # decoder-only: the prompt's keys/values, kept between calls
 
     def forward(self):
         return self.prompt_embeddings, self.offset
@@ -182,28 +184,30 @@ class PromptedModel(AdapterStateMixin, nn.Module):
     def prompt_and_offset(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.method()
 
-    def _embed(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        offset_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """[prompt ; E + D] and its attention mask.
-
-        D's row for a token is its position counted from the text's first real token
-        (cumsum of the attention mask), so left padding, right padding and dynamic padding give the
-        same result. `offset_mask` limits the offset to some tokens (the source, for causal LMs).
-        """
+    def _text_embeds(self, input_ids, attention_mask, offset_mask=None):
+        """(prompt, E + D, the text's mask). D's row for a token is its position counted from the
+        text's first real token (cumsum of the attention mask), so left padding, right padding and
+        dynamic padding give the same result. `offset_mask` limits the offset to some tokens (the
+        source, for causal LMs)."""
         attention_mask = check_text_inputs(input_ids, attention_mask)
         prompt, offset = self.prompt_and_offset()
         embeds = self.word_embeddings(input_ids)
-        batch = input_ids.shape[0]
         if offset is not None:
             embeds = add_offset(embeds, attention_mask, offset, offset_mask)
+        return prompt, embeds, attention_mask
+
+    def _embed(self, input_ids, attention_mask, offset_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """[prompt ; E + D] and its attention mask."""
+        prompt, embeds, attention_mask = self._text_embeds(input_ids, attention_mask, offset_mask)
+        batch = input_ids.shape[0]
         prompts = prompt.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
         inputs_embeds = torch.cat([prompts, embeds], dim=1)
         prompt_mask = attention_mask.new_ones(batch, prompt.shape[0])
         return inputs_embeds, torch.cat([prompt_mask, attention_mask], dim=1)
+
+    def _prefix(self, dtype):
+        """A compiled adapter's ready-made key/value prefix (None: compute it in the call)."""
+        return self.method.prefix.get(self.backbone, self.method.prompt_embeddings, dtype) if self.is_compiled else None
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -230,6 +234,9 @@ class PromptedModel(AdapterStateMixin, nn.Module):
             return self.backbone(inputs_embeds=inputs_embeds, attention_mask=mask, labels=labels, **kwargs)
         # causal
         offset_mask = None if labels is None else labels.eq(-100)
+        if prefix_applies(self, self.config.prompt_length, kwargs):  # the prompt's keys/values once per batch
+            prompt, embeds, mask = self._text_embeds(input_ids, attention_mask, offset_mask)
+            return causal_forward(self, prompt, embeds, mask, labels, self._prefix(embeds.dtype), **kwargs)
         inputs_embeds, mask = self._embed(input_ids, attention_mask, offset_mask)
         if labels is not None:
             prompt_labels = labels.new_full((labels.shape[0], inputs_embeds.shape[1] - labels.shape[1]), -100)
@@ -278,6 +285,9 @@ class PromptedModel(AdapterStateMixin, nn.Module):
             raise TypeError("generate: a sequence classifier does not generate; call the model for logits")
         if adapter_names is not None:
             inputs_embeds, mask = mixed_generate_inputs(self, adapter_names, input_ids, attention_mask)
+        elif generation_applies(self, self.config.prompt_length, kwargs):
+            prompt, embeds, mask = self._text_embeds(input_ids, attention_mask)
+            return generate_with_prefix(self, prompt, embeds, mask, self._prefix(embeds.dtype), **kwargs)
         else:
             inputs_embeds, mask = self._embed(input_ids, attention_mask)
         return self.backbone.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)
