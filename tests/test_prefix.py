@@ -139,3 +139,14 @@ def test_mixed_batches_take_the_plain_path(random_ids):
     hook.remove()
     assert shapes == [(4, 4 + 9)]  # rows of different adapters share no prefix (tests/test_mixed.py: rows
     # equal their adapter alone, which takes the shared prefix)
+
+
+def test_logits_to_keep_returns_the_plain_paths_last_logits(random_ids):
+    model = _model(tiny_llama, "ept").eval()
+    ids, mask, _ = _batch(random_ids, "left")
+    with torch.no_grad():
+        shared = model(input_ids=ids, attention_mask=mask, logits_to_keep=2).logits
+        model.configs["default"].shared_prefix = False
+        plain = model(input_ids=ids, attention_mask=mask, logits_to_keep=2).logits
+    assert shared.shape == plain.shape == (4, 2, model.backbone.config.vocab_size)
+    assert torch.allclose(shared, plain, atol=1e-5)

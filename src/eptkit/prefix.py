@@ -127,7 +127,8 @@ def causal_forward(model, prompt: torch.Tensor, embeds: torch.Tensor, mask: torc
         labels = torch.cat([labels.new_full((batch, 1), -100), labels], dim=1)
     out = model.backbone(inputs_embeds=inputs, attention_mask=full_mask, position_ids=positions,
                          labels=labels, **{cache_argument(model.backbone): expanded_cache(prefix, batch)}, **kwargs)
-    out.logits = out.logits[:, 1:]  # a view: the text's logits
+    if out.logits.shape[1] == inputs.shape[1]:  # all positions (not a `logits_to_keep` tail)
+        out.logits = out.logits[:, 1:]  # a view: the text's logits
     return out
 
 
