@@ -10,6 +10,8 @@ differ only in what the backbone is asked for:
 - "causal": decoder-only generation (GPT-2, Llama); prompt positions carry label -100, and the
   offset is added to source tokens only (tokens whose label is -100), so training on
   [source ; target] matches `generate`, where generated tokens never receive an offset.
+  By default the prompt's keys and values are computed once per batch and shared by every row
+  through the key/value cache (`eptkit.prefix`: exact; the output's logits are then the text's).
 
 Adapters live in `self.adapters` (a ModuleDict keyed by name, "default" unless told otherwise),
 so several adapters can share one frozen backbone; `set_adapter` picks the one a plain call uses,
@@ -220,7 +222,7 @@ class PromptedModel(AdapterStateMixin, nn.Module):
         **kwargs: Any,
     ):
         """adapter_names: one adapter name per row (a mixed batch, `eptkit.mixed`); default: the active adapter."""
-        for unsupported in ("inputs_embeds", "position_ids", "past_key_values"):
+        for unsupported in ("inputs_embeds", "position_ids", "past_key_values", "cache"):
             if kwargs.get(unsupported) is not None:
                 raise ValueError(f"{unsupported}: not supported; pass input_ids and attention_mask")
             kwargs.pop(unsupported, None)
