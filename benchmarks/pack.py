@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -119,7 +120,10 @@ def unpack(pack: Path, into: Path) -> None:
         with tarfile.open(pack / "data.tar.xz") as tar:
             tar.extractall(into, filter="data")
     wheels = sorted((pack / "wheels").glob("*.whl")) if (pack / "wheels").is_dir() else []
-    if wheels:
+    if wheels and importlib.util.find_spec("pip") is None:
+        # Only the accuracy suite needs them; the speed benchmarks go on without.
+        print(f"pack: no pip in {sys.executable}: the wheels are not installed", file=sys.stderr)
+    elif wheels:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--upgrade",
                         "--target", str(into / "site"), *map(str, wheels)], check=True)
     launcher = into / "bin" / "eptkit"
