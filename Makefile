@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN = $(VENV)/bin
 DATA_DIR ?= $(or $(EPTKIT_DATA_DIR),../shared/data)
 
-.PHONY: install run test
+.PHONY: install run test pack
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,3 +25,8 @@ run: install
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -x
+
+# The offline pack for a GPU machine with no network (benchmarks/pack.py; `PACK=gpu-pack bash benchmarks/gpu.sh`).
+pack: install
+	$(BIN)/python benchmarks/pack.py build --out gpu-pack --data-dir $(DATA_DIR)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/pack.py verify gpu-pack

@@ -2,25 +2,36 @@
 # One-shot GPU benchmarks, in one call:
 # 1. speed at the paper's setting: a T5-base-shaped model (random weights, no download), batch 32,
 #    source length 256, target length 3, PT l=100 vs DePT/EPT m=60 r=30, fp32 and bf16;
-# 2. if DATA_DIR is set: the whole accuracy suite (benchmarks/accuracy.py, every phase), JOBS runs at a
+# 2. decoder-only speed: a Llama-shaped model (d=1024, 8 layers, random weights), batch 16 x 256,
+#    eptkit PT/EPT with the shared key/value prefix against PEFT's PT (benchmarks/decoder_speed.py);
+# 3. if DATA_DIR is set: the whole accuracy suite (benchmarks/accuracy.py, every phase), JOBS runs at a
 #    time on the one GPU, into $OUT/accuracy_gpu (its own CSVs: GPU kernels are not bit-identical to
 #    the CPU ones, so its rows are not mixed with the CPU suite's).
 # Run from anywhere in a fresh checkout on a machine with one CUDA GPU:
 #
-#     bash benchmarks/gpu.sh                        # installs into .venv-gpu, then runs the speed benchmark
+#     bash benchmarks/gpu.sh                        # installs into .venv-gpu, then runs the speed benchmarks
 #     DATA_DIR=data bash benchmarks/gpu.sh          # ... and the accuracy suite on the GLUE/SuperGLUE files in data/
 #     OUT=/some/dir bash benchmarks/gpu.sh          # results under $OUT instead of benchmarks/results
+#     PACK=gpu-pack bash benchmarks/gpu.sh          # no network: everything from `make pack`'s folder (below)
+#
+# Offline (PACK=folder made by `python benchmarks/pack.py build`, <= 64 MiB): no venv and no pip download;
+# the system python3 (torch, transformers, accelerate, peft) runs this checkout's src/ with the pack
+# unpacked into .gpu-local (float32 backbone package, task files, wheels, an `eptkit` launcher), and
+# DATA_DIR defaults to the packed task files. The accuracy suite needs datasets, whose pyarrow does not
+# fit in the pack: without it the suite is skipped with a message (the speed benchmarks need neither).
 #
 # Environment knobs:
-#   PYTHON=python3.11        interpreter used to create the venv
+#   PYTHON=python3.11        interpreter used to create the venv (or to run, with PACK)
 #   VENV=.venv-gpu           venv directory (created if missing)
 #   USE_SYSTEM_TORCH=1       create the venv with --system-site-packages (reuse a preinstalled CUDA torch)
 #   SKIP_INSTALL=1           use $VENV as it is
+#   PACK=                    an offline pack folder (see above)
 #   DTYPES="fp32 bf16"       which precisions to run (bf16 = torch.autocast, fp32 weights)
 #   WARMUP=10 REPEATS=30     rounds per method (interleaved round-robin)
 #   DATA_DIR=                folder with glue/ and super_glue/ as in ../shared/data (accuracy suite)
 #   JOBS=8 THREADS=2         accuracy runs at a time, torch CPU threads per run
-#   SPEED=0                  skip the speed benchmark
+#   SPEED=0                  skip the speed benchmarks; DECODER=0 skips the decoder-only one
+#   ACCURACY=0               skip the accuracy suite even with DATA_DIR
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -31,7 +42,14 @@ WARMUP=${WARMUP:-10}
 REPEATS=${REPEATS:-30}
 OUT_DIR=${OUT:-benchmarks/results}
 
-if [ -z "${SKIP_INSTALL:-}" ]; then
+if [ -n "${PACK:-}" ]; then
+    # Offline: nothing is installed into the system; the pack goes to .gpu-local, found through the paths.
+    LOCAL="$PWD/.gpu-local"
+    "$PYTHON" benchmarks/pack.py unpack "$PACK" --into "$LOCAL"
+    export PYTHONPATH="$PWD/src:$LOCAL:$LOCAL/site${PYTHONPATH:+:$PYTHONPATH}" PATH="$LOCAL/bin:$PATH"
+    DATA_DIR=${DATA_DIR:-$LOCAL/data}
+    PY="$PYTHON"
+elif [ -z "${SKIP_INSTALL:-}" ]; then
     if [ ! -x "$VENV/bin/python" ]; then
         if [ -n "${USE_SYSTEM_TORCH:-}" ]; then
             "$PYTHON" -m venv --system-site-packages "$VENV"
@@ -43,7 +61,7 @@ if [ -z "${SKIP_INSTALL:-}" ]; then
     # torch==2.13.0 from PyPI is the CUDA build on Linux x86-64.
     "$VENV/bin/pip" install -q -e .
 fi
-PY="$VENV/bin/python"
+PY=${PY:-"$VENV/bin/python"}
 
 "$PY" - <<'PYEOF'
 import torch
@@ -59,7 +77,16 @@ for DT in $( [ "${SPEED:-1}" = 0 ] || echo "$DTYPES" ); do
         --warmup "$WARMUP" --repeats "$REPEATS" --out-dir "$OUT_DIR" --name "$NAME" \
         2> >(tee "$OUT_DIR/$NAME.log" >&2)
 done
-if [ -n "${DATA_DIR:-}" ]; then
+for DT in $( [ "${SPEED:-1}" = 0 ] || [ "${DECODER:-1}" = 0 ] || echo "$DTYPES" ); do
+    NAME=decoder_speed_llama-1024x8_cuda
+    [ "$DT" = fp32 ] || NAME="${NAME}_${DT}"
+    HF_HUB_OFFLINE=1 "$PY" benchmarks/decoder_speed.py --shape llama-1024x8 --device cuda --dtype "$DT" \
+        --warmup "$WARMUP" --repeats "$REPEATS" --out-dir "$OUT_DIR" --name "$NAME" \
+        2> >(tee "$OUT_DIR/$NAME.log" >&2)
+done
+if [ -n "${DATA_DIR:-}" ] && [ "${ACCURACY:-1}" != 0 ] && ! "$PY" -c "import datasets" 2>/dev/null; then
+    echo "accuracy suite skipped: the datasets package (with pyarrow) is not importable here" >&2
+elif [ -n "${DATA_DIR:-}" ] && [ "${ACCURACY:-1}" != 0 ]; then
     # The learning-rate selection runs first (it decides the final runs' rates), then final and ablations.
     HF_HUB_OFFLINE=1 "$PY" benchmarks/accuracy.py --results-dir "$OUT_DIR/accuracy_gpu" run --phase all \
         --data-dir "$DATA_DIR" --jobs "${JOBS:-8}" --threads "${THREADS:-2}" 2>&1 | tee "$OUT_DIR/accuracy_gpu.log"

@@ -99,6 +99,19 @@ def test_ept_formula_with_nonzero_weights():
     assert torch.allclose(ept.gate_weights(), w, atol=1e-6)
 
 
+def test_ept_fusion_with_query_and_key_maps_formula():
+    ept, _ = _ept_and_dept(num_subspaces=0, fusion_rank=3)
+    torch.manual_seed(6)
+    with torch.no_grad():
+        for p in ept.parameters():
+            p.normal_(std=0.3)
+    prompt_s, offset = ept.prompt_embeddings, ept.offset()
+    knowledge = torch.cat([prompt_s, offset])
+    q, k = prompt_s @ ept.fusion.query.weight.T, knowledge @ ept.fusion.key.weight.T
+    expected = prompt_s + ept.fusion.gate * (torch.softmax(q @ k.T / math.sqrt(3), dim=-1) @ knowledge)
+    assert torch.allclose(ept()[0], expected, atol=1e-5)
+
+
 def test_gradients_reach_every_ept_part():
     ept, _ = _ept_and_dept(fusion_rank=4)
     # At initialisation the zero-initialised gates receive gradient (so training can open them)...

@@ -45,14 +45,18 @@ def test_seq2seq_matches_peft(random_ids):
 
 
 @pytest.mark.parametrize("make_model", [tiny_gpt2, tiny_llama])
-def test_causal_matches_peft(make_model, random_ids):
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_causal_matches_peft(make_model, shared_prefix, random_ids):
     peft_model, ours = _peft_and_ours(make_model, TaskType.CAUSAL_LM)
+    ours.configs["default"].shared_prefix = shared_prefix
     ids = random_ids(2, 8)
     labels = ids.clone()
     labels[:, :4] = -100
     ref = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
     got = ours(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
-    assert torch.allclose(got.logits, ref.logits, atol=1e-5)
+    # The shared prefix returns the text's logits only; the plain path, PEFT's [prompt ; text].
+    assert got.logits.shape[1] == (8 if shared_prefix else L + 8)
+    assert torch.allclose(got.logits, ref.logits[:, -got.logits.shape[1]:], atol=1e-5)
     assert torch.allclose(got.loss, ref.loss, atol=1e-5)
 
 
@@ -116,10 +120,10 @@ def test_causal_offset_goes_to_source_tokens_only(random_ids):
     hook.remove()
     E = prompted.word_embeddings(ids)[0]
     D = prompted.method.offset()
-    got = captured["inputs_embeds"][0, 3:]
+    got = captured["inputs_embeds"][0, -6:]  # the text follows the (whole or last) virtual token(s)
     assert torch.allclose(got[:4], E[:4] + D[:4], atol=1e-6)
     assert torch.allclose(got[4:], E[4:])
-    assert captured["labels"][0, :3].tolist() == [-100] * 3
+    assert set(captured["labels"][0, :-6].tolist()) == {-100}
 
 
 @pytest.mark.parametrize("make_model", [tiny_gpt2, tiny_llama])
@@ -144,8 +148,9 @@ def test_left_padded_batch_generates_what_each_row_generates_alone(make_model, c
             assert torch.allclose(s_batch[b], s_alone[0], atol=1e-4)
 
 
-def test_generate_uses_the_cache_and_matches_forward(random_ids):
-    prompted = _trained_dept(tiny_gpt2(), EPTConfig)
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_generate_uses_the_cache_and_matches_forward(shared_prefix, random_ids):
+    prompted = _trained_dept(tiny_gpt2(), EPTConfig, shared_prefix=shared_prefix)
     ids = random_ids(1, 5)
     lengths = []
     block = prompted.backbone.transformer.h[0]
@@ -153,13 +158,15 @@ def test_generate_uses_the_cache_and_matches_forward(random_ids):
     out = prompted.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0,
                             return_dict_in_generate=True, output_scores=True, use_cache=True)
     hook.remove()
-    # With the key/value cache, only the first step sees the whole input; later steps see one token.
-    assert lengths == [3 + 5, 1, 1]
+    # With the key/value cache, only the first step sees the whole input; later steps see one token. The
+    # shared prefix runs the first 2 of the 3 virtual tokens once, then the last one with the text.
+    assert lengths == ([2, 1 + 5, 1, 1] if shared_prefix else [3 + 5, 1, 1])
     # The greedy tokens must be the argmax of a full (cache-free) forward over source + generated tokens,
     # where generated tokens get no offset (they are not source text).
     full = torch.cat([ids, out.sequences], 1)
     labels = torch.full_like(full, -100)
     labels[:, 5:] = full[:, 5:]
+    prompted.configs["default"].shared_prefix = False
     logits = prompted(input_ids=full, labels=labels).logits
     n_prompt = 3
     for t in range(3):

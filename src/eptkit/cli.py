@@ -76,7 +76,7 @@ def _opt(name: str) -> str:
 # ============================================================================ train
 # Option -> (dataclass, field) for method hyper-parameters. `max_length` is shared with TrainConfig.
 _METHOD_FIELDS = ("prompt_length", "init", "init_text", "pooling", "rank", "max_length", "alpha", "fusion",
-                  "fusion_rank", "num_subspaces", "subspace_rank", "module_init", "text_positions")
+                  "fusion_rank", "num_subspaces", "subspace_rank", "module_init", "text_positions", "shared_prefix")
 # Non-dataclass options of `train` (name -> default), also valid recipe keys.
 _TRAIN_EXTRA = {"task": None, "method": "ept", "model": None, "data_dir": None, "task_type": "auto", "k_shot": None,
                 "train_file": None, "validation_file": None, "test_file": None, "text_columns": None,
@@ -105,9 +105,9 @@ def _train_parser(parser: argparse.ArgumentParser):
     types = {f.name: f.type for f in dataclasses.fields(EPTConfig)}
     for name in _METHOD_FIELDS:
         help_text = _field_help(EPTConfig, name)
-        if name == "fusion":
-            g.add_argument("--no-fusion", dest="fusion", action="store_const", const=False, default=S,
-                           help="EPT: switch prompt fusion off.")
+        if types[name] in (bool, "bool"):  # on by default: the option switches it off
+            g.add_argument(_opt("no_" + name), dest=name, action="store_const", const=False, default=S,
+                           help=f"Switch off: {help_text}")
             continue
         if name == "max_length":
             help_text += " For PT and the baselines: the maximum text length."

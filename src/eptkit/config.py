@@ -54,6 +54,12 @@ class PromptTuningConfig:
         "None picks 'mean' for encoders and 'backbone' for decoder-only classifiers.",
         default=None,
     )
+    shared_prefix: bool = _help(
+        "Decoder-only models: compute the virtual tokens' keys and values once per batch and let every row "
+        "attend to them through the key/value cache (exact: the same logits, loss and gradients, with the "
+        "prompt's share of the work no longer multiplied by the batch size). The model then returns the text's "
+        "logits only. Applied where exact: one adapter per batch, no dropout active, a prompt of 2+ tokens. "
+        "False runs the prompt through the model with every row.", default=True)
 
     def __post_init__(self):
         self.validate()
@@ -66,6 +72,8 @@ class PromptTuningConfig:
             raise ValueError("init_text: required (a non-empty string) when init='text'")
         if self.text_positions is not None and self.text_positions not in TEXT_POSITIONS:
             raise ValueError(f"text_positions: must be one of {TEXT_POSITIONS} or None, got {self.text_positions!r}")
+        if not isinstance(self.shared_prefix, bool):
+            raise ValueError(f"shared_prefix: must be true or false, got {self.shared_prefix!r}")
         if self.pooling is not None and self.pooling not in POOLINGS:
             raise ValueError(f"pooling: must be one of {POOLINGS} or None, got {self.pooling!r}")
 

@@ -10,6 +10,8 @@ differ only in what the backbone is asked for:
 - "causal": decoder-only generation (GPT-2, Llama); prompt positions carry label -100, and the
   offset is added to source tokens only (tokens whose label is -100), so training on
   [source ; target] matches `generate`, where generated tokens never receive an offset.
+  By default the prompt's keys and values are computed once per batch and shared by every row
+  through the key/value cache (`eptkit.prefix`: exact; the output's logits are then the text's).
 
 Adapters live in `self.adapters` (a ModuleDict keyed by name, "default" unless told otherwise),
 so several adapters can share one frozen backbone; `set_adapter` picks the one a plain call uses,
@@ -37,6 +39,7 @@ from .config import PromptTuningConfig
 from .heads import apply_head, classification_loss, find_head_name, pool
 from .methods import build_method
 from .mixed import add_offset, check_text_inputs, mixed_forward, mixed_generate_inputs
+from .prefix import CompiledPrefix, causal_forward, generate_with_prefix, generation_applies, prefix_applies
 from .task_types import detect_task_type
 from .trainable import AdapterStateMixin
 
@@ -49,6 +52,7 @@ class CompiledPrompt(nn.Module):
         super().__init__()
         self.register_buffer("prompt_embeddings", prompt.detach().clone())
         self.register_buffer("offset", None if offset is None else offset.detach().clone())
+        self.prefix = CompiledPrefix()  # decoder-only: the prompt's keys/values, kept between calls
 
     def forward(self):
         return self.prompt_embeddings, self.offset
@@ -201,28 +205,30 @@ class PromptedModel(AdapterStateMixin, nn.Module):
     def prompt_and_offset(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.method()
 
-    def _embed(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        offset_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """[prompt ; E + D] and its attention mask.
-
-        D's row for a token is its position counted from the text's first real token
-        (cumsum of the attention mask), so left padding, right padding and dynamic padding give the
-        same result. `offset_mask` limits the offset to some tokens (the source, for causal LMs).
-        """
+    def _text_embeds(self, input_ids, attention_mask, offset_mask=None):
+        """(prompt, E + D, the text's mask). D's row for a token is its position counted from the
+        text's first real token (cumsum of the attention mask), so left padding, right padding and
+        dynamic padding give the same result. `offset_mask` limits the offset to some tokens (the
+        source, for causal LMs)."""
         attention_mask = check_text_inputs(input_ids, attention_mask)
         prompt, offset = self.prompt_and_offset()
         embeds = self.word_embeddings(input_ids)
-        batch = input_ids.shape[0]
         if offset is not None:
             embeds = add_offset(embeds, attention_mask, offset, offset_mask)
+        return prompt, embeds, attention_mask
+
+    def _embed(self, input_ids, attention_mask, offset_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """[prompt ; E + D] and its attention mask."""
+        prompt, embeds, attention_mask = self._text_embeds(input_ids, attention_mask, offset_mask)
+        batch = input_ids.shape[0]
         prompts = prompt.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
         inputs_embeds = torch.cat([prompts, embeds], dim=1)
         prompt_mask = attention_mask.new_ones(batch, prompt.shape[0])
         return inputs_embeds, torch.cat([prompt_mask, attention_mask], dim=1)
+
+    def _prefix(self, dtype):
+        """A compiled adapter's ready-made key/value prefix (None: compute it in the call)."""
+        return self.method.prefix.get(self.backbone, self.method.prompt_embeddings, dtype) if self.is_compiled else None
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -235,7 +241,7 @@ class PromptedModel(AdapterStateMixin, nn.Module):
         **kwargs: Any,
     ):
         """adapter_names: one adapter name per row (a mixed batch, `eptkit.mixed`); default: the active adapter."""
-        for unsupported in ("inputs_embeds", "position_ids", "past_key_values"):
+        for unsupported in ("inputs_embeds", "position_ids", "past_key_values", "cache"):
             if kwargs.get(unsupported) is not None:
                 raise ValueError(f"{unsupported}: not supported; pass input_ids and attention_mask")
             kwargs.pop(unsupported, None)
@@ -249,6 +255,9 @@ class PromptedModel(AdapterStateMixin, nn.Module):
             return self.backbone(inputs_embeds=inputs_embeds, attention_mask=mask, labels=labels, **kwargs)
         # causal
         offset_mask = None if labels is None else labels.eq(-100)
+        if prefix_applies(self, self.config.prompt_length, kwargs):  # the prompt's keys/values once per batch
+            prompt, embeds, mask = self._text_embeds(input_ids, attention_mask, offset_mask)
+            return causal_forward(self, prompt, embeds, mask, labels, self._prefix(embeds.dtype), **kwargs)
         inputs_embeds, mask = self._embed(input_ids, attention_mask, offset_mask)
         if labels is not None:
             prompt_labels = labels.new_full((labels.shape[0], inputs_embeds.shape[1] - labels.shape[1]), -100)
@@ -297,6 +306,9 @@ class PromptedModel(AdapterStateMixin, nn.Module):
             raise TypeError("generate: a sequence classifier does not generate; call the model for logits")
         if adapter_names is not None:
             inputs_embeds, mask = mixed_generate_inputs(self, adapter_names, input_ids, attention_mask)
+        elif generation_applies(self, self.config.prompt_length, kwargs):
+            prompt, embeds, mask = self._text_embeds(input_ids, attention_mask)
+            return generate_with_prefix(self, prompt, embeds, mask, self._prefix(embeds.dtype), **kwargs)
         else:
             inputs_embeds, mask = self._embed(input_ids, attention_mask)
         return self.backbone.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)

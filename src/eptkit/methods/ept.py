@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import EPTConfig
@@ -33,11 +34,9 @@ class PromptFusion(nn.Module):
 
     def forward(self, prompt: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         knowledge = torch.cat([prompt, offset], dim=0)  # (m + s) x d
-        if self.query is None:
-            scores = prompt @ knowledge.T / math.sqrt(prompt.shape[-1])
-        else:
-            scores = self.query(prompt) @ self.key(knowledge).T / math.sqrt(self.query.out_features)
-        fused = torch.softmax(scores, dim=-1) @ knowledge
+        query, key = (prompt, knowledge) if self.query is None else (self.query(prompt), self.key(knowledge))
+        # softmax(Q K^T / sqrt(dim Q)) K in one fused kernel (its default scale is that sqrt).
+        fused = F.scaled_dot_product_attention(query, key, knowledge)
         return prompt + self.gate * fused
 
 
@@ -62,8 +61,13 @@ class MultiSpaceProjection(nn.Module):
         return torch.softmax(self.gate(prompt), dim=-1)
 
     def forward(self, prompt: torch.Tensor) -> torch.Tensor:
-        projected = torch.einsum("md,kdp,kpe->mke", prompt, self.U, self.V)  # m x N x d
-        return prompt + torch.einsum("mk,mke->me", self.gate_weights(prompt), projected)
+        # sum_k w[:, k] * (P U_k) V_k as two matmuls over the N subspaces side by side: the gate
+        # weights scale each subspace's p columns of P [U_1 .. U_N] before [V_1 ; .. ; V_N], so no
+        # m x N x d tensor is built and the step runs a handful of kernels.
+        num, dim, rank = self.U.shape
+        low = prompt @ self.U.permute(1, 0, 2).reshape(dim, num * rank)  # m x (N p)
+        weights = self.gate_weights(prompt).repeat_interleave(rank, dim=1)  # m x (N p)
+        return prompt + (low * weights) @ self.V.reshape(num * rank, dim)
 
 
 class EPT(DePT):

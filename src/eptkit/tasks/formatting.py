@@ -25,14 +25,16 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import torch
 
 from ..task_types import TASK_TYPES
 from .errors import DataError
 from .registry import TaskSpec, get_task
+
+if TYPE_CHECKING:  # imported where used: eptkit imports without datasets (and its pyarrow)
+    import datasets
 
 logger = logging.getLogger("eptkit")
 
@@ -50,6 +52,8 @@ def encode(data: datasets.Dataset | datasets.DatasetDict, spec: str | TaskSpec, 
     `stats`, if given, receives {split: number of rows truncated to max_length}.
     Returns a datasets.Dataset (or DatasetDict) with only the model's columns plus metadata.
     """
+    import datasets
+
     if isinstance(data, datasets.DatasetDict):
         return datasets.DatasetDict({name: encode(ds, spec, tokenizer, task_type, max_length, truncation=truncation,
                                                   split=name, stats=stats) for name, ds in data.items()})

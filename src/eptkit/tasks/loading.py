@@ -21,13 +21,16 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import torch
 
 from .errors import DataError
 from .registry import TaskSpec, get_task
 from .sources import Columns, check_text, load_hub, load_local, read_jsonl, read_table
+
+if TYPE_CHECKING:  # imported where used: eptkit imports without datasets (and its pyarrow)
+    import datasets
 
 SMALL_TASKS = ("cola", "stsb", "mrpc", "rte", "multirc", "boolq", "wic", "wsc", "cb")
 LARGE_TASKS = ("qqp", "qnli", "sst2")
@@ -112,6 +115,8 @@ def sample_k_shot(dataset: datasets.Dataset, spec: str | TaskSpec, k: int, seed:
 
 
 def _to_datasets(splits: dict[str, Columns]) -> datasets.DatasetDict:
+    import datasets
+
     return datasets.DatasetDict({name: datasets.Dataset.from_dict(cols) for name, cols in splits.items()})
 
 
@@ -340,4 +345,6 @@ def load_labelled_file(path, spec: TaskSpec, *, label_column: str = "label") -> 
         cols["idx"].append(i)
         if spec.group_field:
             cols[spec.group_field].append(str(row.get(spec.group_field, f"row-{i}")))
+    import datasets
+
     return datasets.Dataset.from_dict(cols)
