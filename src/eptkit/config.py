@@ -197,8 +197,8 @@ class TrainConfig:
                             default="runs/eptkit")
     # `lr` is the rate of the "prompt" group only (the name is kept: recipes and saved runs use it).
     lr: float = _help("Learning rate of the prompt only (PT prompt, DePT/EPT short prompt), in lr_unit; not a "
-                      "global rate: every other parameter group has its own lr_* option.", default=2e-2)
-    lr_low_rank: float = _help("Learning rate of DePT/EPT's low-rank offset A, B, in lr_unit.", default=2e-3)
+                      "global rate: every other parameter group has its own lr_* option.", default=8e-2)
+    lr_low_rank: float = _help("Learning rate of DePT/EPT's low-rank offset A, B, in lr_unit.", default=8e-3)
     lr_unit: str = _help(
         "Unit of lr and lr_low_rank with AdamW: 'embedding_rms' multiplies them by the RMS of the backbone's "
         "word embeddings (0.056 for all-MiniLM-L6-v2), so a prompt moves by the same fraction of a word vector "
