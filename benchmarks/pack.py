@@ -24,7 +24,6 @@ must travel in one folder of at most 64 MiB, so:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import shutil
@@ -44,13 +43,9 @@ PLATFORM_ARGS = ("--only-binary=:all:", "--no-deps", "--python-version", "3.12",
                  "--platform", "manylinux_2_28_x86_64")
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+# eptkit runs from the checkout's src/ on the GPU machine too (nothing is installed there).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from eptkit.files import sha256_file  # noqa: E402
 
 
 def pack_model(source: Path, out: Path) -> None:
@@ -94,7 +89,7 @@ def build(out: Path, data_dir: Path | None, *, wheels: bool = True, with_arrow: 
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", *PLATFORM_ARGS, "-d", str(out / "wheels"),
                         *names], check=True)
     files = sorted(p for p in out.rglob("*") if p.is_file())
-    manifest = {"files": {str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
+    manifest = {"files": {str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}}
     manifest["total_bytes"] = sum(f["bytes"] for f in manifest["files"].values())
     manifest["has_arrow"] = with_arrow
     (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")
@@ -110,7 +105,7 @@ def unpack(pack: Path, into: Path) -> None:
     the command) that runs this checkout's src/."""
     manifest = json.loads((pack / "MANIFEST.json").read_text())
     for name, entry in manifest["files"].items():
-        if _sha256(pack / name) != entry["sha256"]:
+        if sha256_file(pack / name) != entry["sha256"]:
             raise SystemExit(f"pack: {pack / name} is corrupted (SHA-256 differs from MANIFEST.json)")
     package = into / PACKAGE
     package.mkdir(parents=True, exist_ok=True)
