@@ -391,12 +391,37 @@ def report(args) -> None:
             + _selection_table(results_dir, budget)
             + _variant_table(results_dir / "recipe.csv", "Recipe study", results_dir, budget, chosen)
             + _variant_table(results_dir / "ept_tuning.csv", "EPT modules", results_dir, budget, chosen)
-            + _ablation_table(rows))
+            + _ablation_table(rows) + _targets_table(cell, tasks, summary))
     (results_dir / "accuracy.md").write_text(text)
     print(text)
     _plots(summary, results_dir)
     _sweep_plot(results_dir, budget)
     _learning_curves(rows, results_dir)
+
+
+def _targets_table(cell: dict, tasks: list[str], summary: dict) -> str:
+    """Issue 9's targets, per task, on mean test scores: a prompt method never more than 1 point below
+    the linear probe, and more than 1 above it wherever LoRA leads the probe by 3 or more."""
+    prompt_methods = [m for m in ("pt", "dept", "ept") if any((m, t) in cell for t in tasks)]
+    if ("head", tasks[0]) not in cell or not prompt_methods:
+        return ""
+    mean = {k: statistics.mean(float(r["test"]) for r in v) for k, v in cell.items() if v}
+    lines = ["| task | LoRA - probe | " + " | ".join(f"{m} - probe" for m in prompt_methods) + " | target | met |",
+             "|---|---:|" + "---:|" * len(prompt_methods) + "---|---|"]
+    for t in tasks:
+        if ("head", t) not in mean or any((m, t) not in mean for m in prompt_methods):
+            continue
+        lora = mean.get(("lora", t), mean[("head", t)]) - mean[("head", t)]
+        gaps = [mean[(m, t)] - mean[("head", t)] for m in prompt_methods]
+        need = 1.0 if lora >= 3 else -1.0
+        target = "each > +1 (LoRA leads by 3+)" if lora >= 3 else "each >= -1"
+        met = all(g > need if need > 0 else g >= need for g in gaps)
+        lines.append(f"| {t} | {lora:+.1f} | " + " | ".join(f"{g:+.1f}" for g in gaps)
+                     + f" | {target} | {'yes' if met else '**no**'} |")
+    averages = ", ".join(f"{m} {summary[m]['average']:.1f}" for m in ("head", *prompt_methods, "lora")
+                         if summary.get(m, {}).get("average") is not None)
+    return ("\nIssue 9's targets (mean test scores; a prompt method's gap to the linear probe, `head`):\n\n"
+            + "\n".join(lines) + f"\n\nAverages over the tasks above: {averages}.\n")
 
 
 def _selection_rows(results_dir: Path, budget) -> list[dict]:
