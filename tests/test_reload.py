@@ -134,7 +134,7 @@ def test_help_shows_defaults_and_every_method(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "(default: 0.02)" in out and "(default: 100 for pt, 60 for dept, 60 for ept)" in out
+    assert "(default: 0.08)" in out and "(default: 100 for pt, 60 for dept, 60 for ept)" in out
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
