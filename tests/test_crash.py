@@ -33,17 +33,22 @@ class _Acc:  # one process, no accelerate
         pass
 
 
+def _filled(model, value: float):
+    """`model` with every trainable weight set to `value`."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.fill_(value)
+    return model
+
+
 def _models():
     """Two different adapters, of different shapes; every trainable weight of adapter i is i + 1."""
     models = []
     for i in range(2):
         torch.manual_seed(i)
-        m = get_prompted_model(tiny_bert(), DePTConfig(prompt_length=3 + i, max_length=8, rank=2))
-        with torch.no_grad():
-            for p in m.parameters():
-                if p.requires_grad:
-                    p.fill_(float(i + 1))
-        models.append(m)
+        models.append(_filled(get_prompted_model(tiny_bert(), DePTConfig(prompt_length=3 + i, max_length=8, rank=2)),
+                              float(i + 1)))
     return models
 
 
@@ -101,11 +106,7 @@ def _baselines(method):
     for i in range(2):
         m = LoRAModel(tiny_bert(), r=2 + 2 * i) if method == "lora" else PeftPromptModel(
             tiny_bert(), "ptuning", num_virtual_tokens=3 + i, encoder_hidden_size=8)
-        with torch.no_grad():
-            for p in m.parameters():
-                if p.requires_grad:
-                    p.fill_(float(i + 1))
-        models.append(m)
+        models.append(_filled(m, float(i + 1)))
     return models
 
 
