@@ -16,7 +16,8 @@ Protocol (see benchmarks/README.md, "Accuracy"):
 5. recipe: the recipe choices other than the rate (optimiser, prompt initialisation, warm-up, head
    rate, regression targets), each changed alone from the selected EPT/PT recipe, on validation.
 Every run is one `eptkit train ...` command (recorded in the CSV's `command` column) in a fresh
-process. Finished cells are skipped, so the suite resumes across sessions; a row counts as finished
+process; with --together K, up to K PT/DePT/EPT runs of one task share one `eptkit train --sweep` process
+(eptkit.multirun: one frozen backbone; the sweep file is kept in results/sweeps/). Finished cells are skipped, so the suite resumes across sessions; a row counts as finished
 (or reusable, or a selection candidate) only at the budget (steps, eval steps, batch) it was run with.
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import shlex
@@ -34,6 +36,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from eptkit.files import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -201,29 +205,79 @@ def run_dir_name(task, method, seed, lr, opts) -> str:
     return f"{task}-{method}-s{seed}-b{opts.steps}x{opts.batch_size}e{opts.eval_steps}-{tag}"
 
 
-def run_cell(task, method, seed, lr, opts) -> dict:
-    steps, data_dir, runs_dir, threads = opts.steps, opts.data_dir, opts.runs_dir, opts.threads
-    out_dir = runs_dir / run_dir_name(task, method, seed, lr, opts)
-    cmd = command_for(task, method, seed, lr, steps, opts.eval_steps, data_dir, out_dir, opts.batch_size)
+def _launch(cmd: list[str], threads: int) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-    exe = [sys.executable, "-m", "eptkit.cli", *cmd[1:], "--overwrite"]
     print(f"[accuracy] {shlex.join(cmd)}", flush=True)
-    t0 = time.time()
-    proc = subprocess.run(exe, env=env, capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "eptkit.cli", *cmd[1:], "--overwrite"], env=env, capture_output=True,
+                          text=True, cwd=ROOT)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         raise RuntimeError(f"run failed ({proc.returncode}): {shlex.join(cmd)}\n" + "\n".join(tail))
+
+
+def _row(task, method, seed, lr, opts, out_dir: Path, cmd: list[str]) -> dict:
     results = json.loads((out_dir / "results.json").read_text())
     metric = results["main_metric"]
     row = {
-        "task": task, "method": method, "seed": seed, "steps": steps, "eval_steps": opts.eval_steps,
+        "task": task, "method": method, "seed": seed, "steps": opts.steps, "eval_steps": opts.eval_steps,
         "batch_size": opts.batch_size,
         "trainable_params": results["trainable_params"], "train_seconds": round(results["train_time_s"], 1),
         "metric": metric, "validation": round(results["validation"][metric], 2),
-        "test": round(results["test"][metric], 2), "lr": lr_key(lr), "command": f"OMP_NUM_THREADS={threads} " + shlex.join(cmd),
+        "test": round(results["test"][metric], 2), "lr": lr_key(lr),
+        "command": f"OMP_NUM_THREADS={opts.threads} " + shlex.join(cmd),
     }
-    print(f"[accuracy]   -> val {row['validation']} test {row['test']} ({time.time() - t0:.0f}s)", flush=True)
+    print(f"[accuracy]   -> {task} {method} s{seed}: val {row['validation']} test {row['test']}", flush=True)
     return row
+
+
+def run_cell(task, method, seed, lr, opts) -> dict:
+    out_dir = opts.runs_dir / run_dir_name(task, method, seed, lr, opts)
+    cmd = command_for(task, method, seed, lr, opts.steps, opts.eval_steps, opts.data_dir, out_dir, opts.batch_size)
+    _launch(cmd, opts.threads)
+    return _row(task, method, seed, lr, opts, out_dir, cmd)
+
+
+def sweep_run_name(task, method, seed, lr, opts) -> str:
+    return run_dir_name(task, method, seed, lr, opts).replace(".", "_")  # a sweep's run names hold no dots
+
+
+def _sweep_entry(method, seed, lr) -> dict:
+    """One run of a sweep file: the options a separate run's command gives after the shared ones."""
+    words, entry = [*METHOD_ARGS[method], *(x for k, v in sorted(lr.items()) for x in (k, _fmt(v)))], {"seed": seed}
+    for i, word in enumerate(words):
+        if word.startswith("--"):
+            value = words[i + 1] if i + 1 < len(words) and not words[i + 1].startswith("--") else True
+            entry[word[2:]] = _number(value) if isinstance(value, str) else value
+    return entry
+
+
+def _number(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def run_together(cells, opts) -> list[dict]:
+    """Cells of one task (PT, DePT, EPT and its ablations) as one `eptkit train --sweep` process: one
+    frozen backbone, each step holding rows of every run (eptkit.multirun). The sweep file is kept with
+    the results (results/sweeps/), so the recorded command re-runs as it ran."""
+    names = [sweep_run_name(*cell, opts) for cell in cells]
+    tag = hashlib.sha1("\n".join(names).encode()).hexdigest()[:10]
+    task = cells[0][0]
+    sweep = opts.results_dir / "sweeps" / f"{task}-{tag}.json"
+    sweep.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(sweep, {"runs": [{"name": name, **_sweep_entry(method, seed, lr)}
+                                       for name, (_, method, seed, lr) in zip(names, cells)]})
+    out_dir = opts.runs_dir / f"together-{task}-{tag}"
+    rel = lambda p: os.path.relpath(p, ROOT)  # noqa: E731
+    cmd = ["eptkit", "train", "--task", task, "--data-dir", rel(opts.data_dir), "--output-dir", rel(out_dir),
+           "--max-steps", str(opts.steps), "--eval-steps", str(opts.eval_steps), "--batch-size", str(opts.batch_size),
+           *COMMON, "--sweep", rel(sweep)]
+    _launch(cmd, opts.threads)
+    return [_row(*cell, opts, out_dir / name, cmd) for name, cell in zip(names, cells)]
 
 
 # ---------------------------------------------------------------------------- phases
@@ -244,23 +298,38 @@ def selected_lrs(select_csv: Path, budget: tuple[str, str, str] | None = None) -
     return best
 
 
+def _jobs(cells, together: int) -> list[list[tuple]]:
+    """Cells as processes: one cell each, or with --together K up to K prompt-method cells of one task in one
+    process (in the cells' order; the head, LoRA and full fine-tuning change the backbone and run alone)."""
+    if together <= 1:
+        return [[cell] for cell in cells]
+    jobs, open_jobs = [], {}
+    for cell in cells:
+        if base_method(cell[1]) not in ("pt", "dept", "ept"):
+            jobs.append([cell])
+            continue
+        job = open_jobs.get(cell[0])
+        if job is None or len(job) == together:
+            job = open_jobs[cell[0]] = []
+            jobs.append(job)
+        job.append(cell)
+    return jobs
+
+
 def run_cells(cells, csv_path: Path, args) -> None:
-    """Run (task, method, seed, lr) cells, `args.jobs` at a time (each its own `eptkit train` process);
-    every finished row is appended at once, so an interrupted suite keeps what it finished."""
-    if args.jobs <= 1:
-        for cell in cells:
-            append_row(csv_path, run_cell(*cell, args))
-        return
+    """Run (task, method, seed, lr) cells, `args.jobs` processes at a time (`_jobs`); every finished row is
+    appended at once, so an interrupted suite keeps what it finished."""
     lock = threading.Lock()
 
-    def one(cell):
-        row = run_cell(*cell, args)
+    def one(job):
+        rows = [run_cell(*job[0], args)] if len(job) == 1 else run_together(job, args)
         with lock:
-            append_row(csv_path, row)
+            for row in rows:
+                append_row(csv_path, row)
 
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for future in [pool.submit(one, cell) for cell in cells]:
-            future.result()  # re-raise the first failure (the other cells still finish and are kept)
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for future in [pool.submit(one, job) for job in _jobs(cells, args.together)]:
+            future.result()  # re-raise the first failure (the other jobs still finish and are kept)
 
 
 def _variant_cells(csv_path: Path, variants, seeds, budget) -> list[tuple]:
@@ -622,6 +691,9 @@ def rerun(args) -> None:
         env[name] = value
     out_dir = args.runs_dir / "rerun" / f"{args.task}-{args.method}-s{args.seed}"
     words[words.index("--output-dir") + 1] = os.path.relpath(out_dir, ROOT)
+    if "--sweep" in words:  # trained beside other runs in one process (--together): they all run again
+        budget = argparse.Namespace(steps=row["steps"], batch_size=row["batch_size"], eval_steps=row["eval_steps"])
+        out_dir = out_dir / sweep_run_name(row["task"], row["method"], row["seed"], parse_lr_key(row["lr"]), budget)
     print(f"[accuracy] re-running: {row['command']}", flush=True)
     subprocess.run([sys.executable, "-m", "eptkit.cli", *words[1:], "--overwrite"], env=env, check=True, cwd=ROOT,
                    capture_output=True)
@@ -654,7 +726,10 @@ def main(argv=None) -> None:
     run.add_argument("--only", default=None,
                      help="recipe/tune phases: only the variants that change an option whose name contains this")
     run.add_argument("--jobs", type=int, default=1,
-                     help="runs at a time (separate processes; e.g. --jobs 2 --threads 1 on 2 cores, or 8 on one GPU)")
+                     help="processes at a time (e.g. --jobs 2 --threads 1 on 2 cores, or 8 on one GPU)")
+    run.add_argument("--together", type=int, default=1,
+                     help="train up to this many PT/DePT/EPT runs of one task in one process over one frozen backbone "
+                          "(eptkit.multirun; for GPUs, where one small run cannot fill the device)")
     again = sub.add_parser("rerun", help="re-run one recorded row from its command and compare the scores")
     again.add_argument("--task", required=True)
     again.add_argument("--method", required=True)

@@ -169,3 +169,38 @@ def test_rerun_repeats_a_recorded_row_and_reports_the_difference(tmp_path, capsy
                                         "test": results["test"]["average"]}])
     HARNESS["main"](argv)  # the same command, single-threaded, gives the same scores
     assert "difference +0.00" in capsys.readouterr().out
+
+
+def test_together_puts_prompt_runs_of_one_task_in_shared_processes():
+    cells = [("cb", "pt", 0, {}), ("cb", "head", 0, {}), ("rte", "ept", 0, {}), ("cb", "ept_no_fusion", 0, {}),
+             ("cb", "dept", 1, {}), ("cb", "lora", 1, {})]
+    assert HARNESS["_jobs"](cells, 1) == [[c] for c in cells]
+    assert HARNESS["_jobs"](cells, 2) == [[cells[0], cells[3]], [cells[1]], [cells[2]], [cells[4]], [cells[5]]]
+    assert HARNESS["_sweep_entry"]("ept_no_fusion", 2, {"--lr": 0.08, "--init-text": "Read it."}) == {
+        "seed": 2, "method": "ept", "prompt-length": 60, "rank": 30, "no-fusion": True, "init-text": "Read it.",
+        "lr": 0.08}
+
+
+@needs_data
+def test_runs_trained_together_are_recorded_and_rerun_from_their_command(tmp_path, capsys):
+    """Two prompt runs of CB in one `eptkit train --sweep` process (the bundled MiniLM, 2 steps): a row each,
+    and `rerun` repeats one from the recorded command (the whole sweep again) to the same scores."""
+    key = HARNESS["lr_key"]
+    chosen = {m: HARNESS["LR_GRID"][m][-1] for m in ("pt", "ept")}
+    _write(tmp_path / "lr_selection.csv", [
+        {"task": t, "method": m, "seed": 0, "steps": 2, "eval_steps": 0, "batch_size": 4, "validation": 1,
+         "lr": key(lr)} for m, lr in chosen.items() for t in HARNESS["SELECT_TASKS"]])
+    budget = ["--steps", "2", "--eval-steps", "0", "--batch-size", "4"]
+    HARNESS["main"](["--results-dir", str(tmp_path), "run", "--phase", "final", "--tasks", "cb", "--methods", "pt,ept",
+                     "--seeds", "0", "--together", "2", "--threads", "1", "--data-dir", str(DATA),
+                     "--runs-dir", str(tmp_path / "runs"), *budget])
+    with open(tmp_path / "accuracy.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["method"] for r in rows) == ["ept", "pt"]
+    assert len({r["command"] for r in rows}) == 1 and "--sweep" in rows[0]["command"]
+    assert (tmp_path / "sweeps").is_dir()
+    capsys.readouterr()
+    HARNESS["main"](["--results-dir", str(tmp_path), "rerun", "--task", "cb", "--method", "ept", "--runs-dir",
+                     str(tmp_path / "runs"), "--tolerance", "0"])
+    out = capsys.readouterr().out
+    assert out.count("difference +0.00") + out.count("difference -0.00") == 2

@@ -148,9 +148,12 @@ def _backbone(kind):
                                                               attention_probs_dropout_prob=0.0), tok
 
 
-@pytest.mark.parametrize("kind", ["seq2seq", "causal", "llama", "minilm"])
-def test_runs_of_different_methods_equal_separate_runs(kind, tmp_path):
-    """T5, GPT-2, Llama and the bundled MiniLM (dropout off); PT and EPT of different prompt lengths."""
+@pytest.mark.parametrize("kind,length_waste", [("seq2seq", -1.0), ("causal", -1.0), ("llama", -1.0), ("minilm", -1.0),
+                                               ("seq2seq", 0.0), ("causal", None), ("minilm", 0.0)])
+def test_runs_of_different_methods_equal_separate_runs(kind, length_waste, tmp_path):
+    """T5, GPT-2, Llama and the bundled MiniLM (dropout off); PT and EPT of different prompt lengths. The joint
+    step's rows go through passes by length: the CPU default (-1: 30% padding at most), every length its own
+    pass (0.0: each run's rows split over several passes), or one pass for all (None)."""
     backbone, tok = _backbone(kind)
     configs = {"pt": PromptTuningConfig(prompt_length=3),
                "ept": EPTConfig(prompt_length=5, rank=2, max_length=48, num_subspaces=2, subspace_rank=2,
@@ -172,7 +175,7 @@ def test_runs_of_different_methods_equal_separate_runs(kind, tmp_path):
         alone.load_adapter_state_dict(shared.adapter_state_dict())
         train(alone, tok, "cb", data, config(name, seed, tmp_path / "alone"))
     train_runs(shared, tok, [RunSpec(name, "cb", data, config(name, seed, tmp_path / "joint"))
-                             for seed, name in enumerate(configs)])
+                             for seed, name in enumerate(configs)], length_waste=length_waste)
     for name in configs:
         _assert_same_run(tmp_path / "joint" / name, tmp_path / "alone" / name, step=3)
 

@@ -1,8 +1,9 @@
 """Many trained adapters on one frozen backbone, answering mixed batches: what `eptkit serve` holds.
 
 The pool owns one `PromptedModel` and adds or drops named adapters on it at run time. Rows for different
-adapters share forward passes (`eptkit.mixed`; rows of similar length together, `length_groups`): every
-row goes through its own adapter and comes back as `eptkit predict` writes it (label name, score, or None).
+adapters share forward passes (`eptkit.mixed`; rows of similar length together,
+`eptkit.batching.length_groups`): every row goes through its own adapter and comes back as `eptkit predict`
+writes it (label name, score, or None).
 
 Every adapter must come from the pool's backbone: the one the first adapter's run records. An adapter
 whose run records another backbone, or whose shapes do not fit it, is refused with the reason; so are the
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from .adapter_files import DEPT_WEIGHTS_NAME, WEIGHTS_NAME, AdapterError
 from .backbones import load_backbone, resolve_model_path
+from .batching import length_groups
 from .config import PROMPT_METHODS
 from .evaluation import predict_mixed
 from .model import CompiledPrompt, PromptedModel, fold_adapter, load_adapter, remove_adapter
@@ -46,6 +48,7 @@ class ServedAdapter:
     parameters: int  # values the adapter adds to the backbone (its tensors: prompt side and head)
     max_length: int  # longest text, in tokens, that the adapter was trained for
     compiled: bool
+    prompt_positions: int  # virtual tokens before the text: every row of a pass is padded to its widest
 
     def describe(self) -> dict:
         return {"name": self.name, "method": self.method, "task": self.spec.name, "parameters": self.parameters,
@@ -98,7 +101,7 @@ class AdapterPool:
         max_length = trained.run.get("max_length") or getattr(config, "max_length", None) or 256
         compiled = isinstance(self.model.adapters[name], CompiledPrompt)  # folded here, or saved compiled
         self.adapters[name] = ServedAdapter(name, Path(directory), trained.spec, method or config.method, parameters,
-                                            int(max_length), compiled)
+                                            int(max_length), compiled, int(getattr(config, "prompt_length", 0)))
         return self.adapters[name]
 
     def _check_backbone(self, trained, directory) -> None:
@@ -143,10 +146,12 @@ class AdapterPool:
 
     def predict(self, names: list[str], rows: list[dict]) -> list:
         """Mixed forward passes (or generate calls) for encoded rows, row i through adapter names[i]: each
-        row's prediction as `eptkit predict` writes it. Rows of similar length share a pass (`length_groups`)."""
+        row's prediction as `eptkit predict` writes it. Rows of similar length share a pass
+        (`eptkit.batching.length_groups`)."""
         specs = [self.get(name).spec for name in names]
         out: list = [None] * len(rows)
-        for group in length_groups([len(r.get("source_input_ids", r["input_ids"])) for r in rows]):
+        width = max(self.get(name).prompt_positions for name in set(names))  # a cost every row of a pass pays
+        for group in length_groups([width + len(r.get("source_input_ids", r["input_ids"])) for r in rows]):
             preds = predict_mixed(self.model, self.tokenizer, [rows[i] for i in group], [specs[i] for i in group],
                                   [names[i] for i in group])
             for i, p in zip(group, preds):
@@ -155,20 +160,3 @@ class AdapterPool:
 
     def describe(self) -> list[dict]:
         return [a.describe() for a in self.adapters.values()]
-
-
-def length_groups(lengths: list[int], waste: float = 0.3) -> list[list[int]]:
-    """Row indices in groups of similar length, shortest first: a group grows while padding every row to
-    its longest costs at most `waste` more tokens than the rows hold. On a CPU a forward pass costs about
-    what its padded tokens do, so one long row would otherwise make every short row beside it as slow."""
-    groups: list[list[int]] = []
-    total = 0
-    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
-        n = lengths[i]
-        if groups and (len(groups[-1]) + 1) * n <= (1 + waste) * (total + n):
-            groups[-1].append(i)
-            total += n
-        else:
-            groups.append([i])
-            total = n
-    return groups

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batching import length_groups
 from .checkpoint import rng_state
 from .config import TrainConfig
 from .heads import classification_loss
@@ -35,7 +36,7 @@ from .runs import prepare_output_dir
 from .tasks.formatting import IGNORE_INDEX, MODEL_INPUT_KEYS
 from .train import Trainer, _StopFlag
 
-__all__ = ["RunSpec", "MultiTrainer", "train_runs", "merge_batches", "rows_loss"]
+__all__ = ["RunSpec", "MultiTrainer", "train_runs", "rows_loss_sum", "loss_items"]
 
 
 @dataclass
@@ -86,45 +87,40 @@ class _RunTrainer(Trainer):
         self._rng_after_step, self._position_after_step = rng_state(), (self.state.epoch, self.state.batch)
         self._updating = False
 
-    def next_batch(self) -> dict:
+    def next_rows(self) -> list[dict]:
+        """This run's next micro-batch, as encoded rows (its own data order, as `Trainer` takes it)."""
         s = self.state
         indices = self.plan.rows(s.epoch, s.batch)
         s.epoch, s.batch = self.plan.advance(s.epoch, s.batch)
-        return self.collate([self.encoded["train"][i] for i in indices])
+        return [self.encoded["train"][i] for i in indices]
 
 
-def merge_batches(batches: list[dict], task_type: str, pad_id: int) -> dict[str, torch.Tensor]:
-    """Collated batches of several runs as one batch: sequences padded to the widest (on the left for
-    causal models, as the collator pads), rows in the order given."""
-    left = task_type == "causal"
-    pads = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0, "labels": IGNORE_INDEX}
-    merged = {}
-    for key in MODEL_INPUT_KEYS:
-        if key not in batches[0]:
-            continue
-        tensors = [b[key] for b in batches]
-        if tensors[0].dim() == 2:
-            width = max(t.shape[1] for t in tensors)
-            tensors = [F.pad(t, (width - t.shape[1], 0) if left else (0, width - t.shape[1]), value=pads[key])
-                       for t in tensors]
-        merged[key] = torch.cat(tensors)
-    return merged
-
-
-def rows_loss(task_type: str, config, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The loss the model computes for these rows alone, from their logits in a (wider) mixed batch."""
+def rows_loss_sum(task_type: str, config, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The summed loss of these rows, from their logits in a (wider) mixed batch: divided by `loss_items` of
+    a run's rows, it is the mean loss the model computes for that run's batch alone."""
     if task_type == "classification":
-        return classification_loss(config, logits, labels)
+        return classification_loss(config, logits, labels) * labels.numel()
     if task_type == "causal":  # labels of [padding ; prompt ; text] are -100 up to the text; predict the next token
         labels = F.pad(labels, (logits.shape[1] - labels.shape[1], 0), value=IGNORE_INDEX)
         logits, labels = logits[:, :-1], labels[:, 1:]
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+def loss_items(task_type: str, row: dict) -> int:
+    """How many terms an encoded row adds to its batch's mean loss: one per label value (classification),
+    one per target token (text-to-text; a causal row's first token is never a target: a source or prompt
+    token always precedes the answer)."""
+    labels = row["labels"]
+    if task_type == "classification":
+        return len(labels) if isinstance(labels, (list, tuple)) else 1
+    return sum(1 for v in labels if v != IGNORE_INDEX)
 
 
 class MultiTrainer:
     """Several runs over one PromptedModel in one process; `run()` returns each run's results."""
 
-    def __init__(self, model, tokenizer, runs: list[RunSpec], *, accelerator=None):
+    def __init__(self, model, tokenizer, runs: list[RunSpec], *, accelerator=None, length_waste: float | None = -1.0):
         from accelerate import Accelerator
 
         if not runs:
@@ -151,23 +147,47 @@ class MultiTrainer:
         self.trainers = [_RunTrainer(model, tokenizer, run, accelerator) for run in runs]
         self.model = self.trainers[-1].model
         self.task_type = model.task_type
-        self.pad_id = self.trainers[0].collate.pad_id
+        self.collate = self.trainers[0].collate
+        # A mixed batch pads every row's prompt to the widest one (eptkit.mixed), so that is a cost every row pays.
+        self.prompt_width = max(t.unwrapped.prompt_positions for t in self.trainers)
+        # On a CPU a pass costs what its padded tokens do: rows of similar length share a pass (at most 30%
+        # padding), and that saves more than the one big batch would. On an accelerator one pass is cheapest.
+        if length_waste is not None and length_waste < 0:
+            length_waste = 0.3 if accelerator.device.type == "cpu" else None
+        self.length_waste = length_waste
 
-    def _forward_backward(self, trainers, batches, scale: float) -> list[float]:
+    def _groups(self, rows: list[dict]) -> list[list[int]]:
+        if self.length_waste is None:
+            return [list(range(len(rows)))]
+        cost = [self.prompt_width + len(r["input_ids"]) + (len(r["labels"]) if self.task_type == "seq2seq" else 0)
+                for r in rows]
+        return length_groups(cost, self.length_waste)
+
+    def _forward_backward(self, trainers, micro_batches: list[list[dict]], scale: float) -> list[float]:
+        """One micro-batch of every run: forward and backward in passes of rows of similar length (each run's
+        loss is its own rows' mean however they are split); returns each run's loss."""
         acc = self.accelerator
-        joint = merge_batches(batches, self.task_type, self.pad_id)
-        inputs = {k: v.to(acc.device) for k, v in joint.items()}
-        names = [t.adapter_name for t, b in zip(trainers, batches) for _ in range(len(b["input_ids"]))]
+        owner = [k for k, rows in enumerate(micro_batches) for _ in rows]
+        rows = [row for rows in micro_batches for row in rows]
+        items = [0] * len(trainers)
+        for k, row in zip(owner, rows):
+            items[k] += loss_items(self.task_type, row)
         config = acc.unwrap_model(self.model).backbone.config
-        losses, start = [], 0
-        with acc.autocast():
-            logits = self.model(**inputs, adapter_names=names).logits
-            for t, b in zip(trainers, batches):
-                rows = slice(start, start + len(b["input_ids"]))
-                start = rows.stop
-                losses.append(rows_loss(self.task_type, config, logits[rows], inputs["labels"][rows]) * t.loss_scale)
-        acc.backward(torch.stack(losses).sum() * scale)
-        return [float(loss.detach()) for loss in losses]
+        losses = [0.0] * len(trainers)
+        for group in self._groups(rows):
+            batch = self.collate([rows[i] for i in group])
+            inputs = {k: batch[k].to(acc.device) for k in MODEL_INPUT_KEYS if k in batch}
+            owners = torch.tensor([owner[i] for i in group])
+            total = 0.0
+            with acc.autocast():
+                logits = self.model(**inputs, adapter_names=[trainers[owner[i]].adapter_name for i in group]).logits
+                for k in owners.unique().tolist():
+                    mine = (owners == k).nonzero().squeeze(1).to(acc.device)
+                    loss = rows_loss_sum(self.task_type, config, logits[mine], inputs["labels"][mine]) / max(items[k], 1)
+                    losses[k] += float(loss.detach())
+                    total = total + loss * trainers[k].loss_scale
+            acc.backward(total * scale)
+        return losses
 
     def run(self) -> list[dict]:
         for t in self.trainers:
@@ -184,10 +204,10 @@ class MultiTrainer:
                     t0 = time.perf_counter()
                     losses, tokens = {t: [] for t in active}, {t: 0 for t in active}
                     for _ in range(n_micro):
-                        batches = [t.next_batch() for t in active]
-                        for t, b, loss in zip(active, batches, self._forward_backward(active, batches, 1.0 / n_micro)):
+                        batches = [t.next_rows() for t in active]
+                        for t, rows, loss in zip(active, batches, self._forward_backward(active, batches, 1.0 / n_micro)):
                             losses[t].append(loss)
-                            tokens[t] += int(b["attention_mask"].sum())
+                            tokens[t] += sum(len(r["input_ids"]) for r in rows)
                     updates = {t: t._optimizer_step() for t in active}
                     step_time = time.perf_counter() - t0  # the joint step: every run records it as its own
                     for t in active:
@@ -201,6 +221,8 @@ class MultiTrainer:
         return [t._finish(stopped[t]) for t in self.trainers]
 
 
-def train_runs(model, tokenizer, runs: list[RunSpec], *, accelerator=None) -> list[dict]:
-    """Train every run (an adapter of `model`) in one process; returns each run's results.json dict."""
-    return MultiTrainer(model, tokenizer, runs, accelerator=accelerator).run()
+def train_runs(model, tokenizer, runs: list[RunSpec], *, accelerator=None, length_waste: float | None = -1.0) -> list[dict]:
+    """Train every run (an adapter of `model`) in one process; returns each run's results.json dict.
+    `length_waste`: rows of similar length share a pass, with at most this share of padding (None: one pass
+    for all rows; the default: 0.3 on a CPU, one pass on an accelerator)."""
+    return MultiTrainer(model, tokenizer, runs, accelerator=accelerator, length_waste=length_waste).run()

@@ -21,7 +21,7 @@ and JSON are read).
 
 Batching: requests wait in one queue; the batcher takes the first, then whatever else arrives within
 batch_window_ms, up to max_batch_size rows, and runs them as one mixed batch on the worker thread (rows
-of similar length share a forward pass: `eptkit.adapter_pool.length_groups`).
+of similar length share a forward pass: `eptkit.batching.length_groups`).
 Loads and unloads go through the same queue, so a request accepted before an unload is still answered
 and nothing ever runs beside a forward pass.
 """
