@@ -4,9 +4,11 @@
 #    source length 256, target length 3, PT l=100 vs DePT/EPT m=60 r=30, fp32 and bf16;
 # 2. decoder-only speed: a Llama-shaped model (d=1024, 8 layers, random weights), batch 16 x 256,
 #    eptkit PT/EPT with the shared key/value prefix against PEFT's PT (benchmarks/decoder_speed.py);
-# 3. if DATA_DIR is set: the whole accuracy suite (benchmarks/accuracy.py, every phase), JOBS runs at a
-#    time on the one GPU, into $OUT/accuracy_gpu (its own CSVs: GPU kernels are not bit-identical to
-#    the CPU ones, so its rows are not mixed with the CPU suite's).
+# 3. if DATA_DIR is set: 6 training runs in one process against the same runs one after another
+#    (benchmarks/multirun.py, bf16), then the whole accuracy suite (benchmarks/accuracy.py, every phase),
+#    JOBS processes at a time on the one GPU, each training up to TOGETHER prompt runs of a task over one
+#    backbone, into $OUT/accuracy_gpu (its own CSVs: GPU kernels are not bit-identical to the CPU ones,
+#    so its rows are not mixed with the CPU suite's).
 # Run from anywhere in a fresh checkout on a machine with one CUDA GPU:
 #
 #     bash benchmarks/gpu.sh                        # installs into .venv-gpu, then runs the speed benchmarks
@@ -29,7 +31,8 @@
 #   DTYPES="fp32 bf16"       which precisions to run (bf16 = torch.autocast, fp32 weights)
 #   WARMUP=10 REPEATS=30     rounds per method (interleaved round-robin)
 #   DATA_DIR=                folder with glue/ and super_glue/ as in ../shared/data (accuracy suite)
-#   JOBS=8 THREADS=2         accuracy runs at a time, torch CPU threads per run
+#   JOBS=4 THREADS=2         accuracy processes at a time, torch CPU threads per process
+#   TOGETHER=6               PT/DePT/EPT runs of one task per process (eptkit.multirun)
 #   SPEED=0                  skip the speed benchmarks; DECODER=0 skips the decoder-only one
 #   ACCURACY=0               skip the accuracy suite even with DATA_DIR
 set -euo pipefail
@@ -87,8 +90,11 @@ done
 if [ -n "${DATA_DIR:-}" ] && [ "${ACCURACY:-1}" != 0 ] && ! "$PY" -c "import datasets" 2>/dev/null; then
     echo "accuracy suite skipped: the datasets package (with pyarrow) is not importable here" >&2
 elif [ -n "${DATA_DIR:-}" ] && [ "${ACCURACY:-1}" != 0 ]; then
+    HF_HUB_OFFLINE=1 "$PY" benchmarks/multirun.py --k 6 --steps 200 --batch-size 16 --mixed-precision bf16 \
+        --prompt-length 60 --max-length 128 --data-dir "$DATA_DIR" --output "$OUT_DIR/multirun_gpu.md"
     # The learning-rate selection runs first (it decides the final runs' rates), then final and ablations.
     HF_HUB_OFFLINE=1 "$PY" benchmarks/accuracy.py --results-dir "$OUT_DIR/accuracy_gpu" run --phase all \
-        --data-dir "$DATA_DIR" --jobs "${JOBS:-8}" --threads "${THREADS:-2}" 2>&1 | tee "$OUT_DIR/accuracy_gpu.log"
+        --data-dir "$DATA_DIR" --jobs "${JOBS:-4}" --threads "${THREADS:-2}" --together "${TOGETHER:-6}" \
+        2>&1 | tee "$OUT_DIR/accuracy_gpu.log"
 fi
 echo "results in $OUT_DIR"
