@@ -48,7 +48,6 @@ class ServedAdapter:
     parameters: int  # values the adapter adds to the backbone (its tensors: prompt side and head)
     max_length: int  # longest text, in tokens, that the adapter was trained for
     compiled: bool
-    prompt_positions: int  # virtual tokens before the text: every row of a pass is padded to its widest
 
     def describe(self) -> dict:
         return {"name": self.name, "method": self.method, "task": self.spec.name, "parameters": self.parameters,
@@ -101,7 +100,7 @@ class AdapterPool:
         max_length = trained.run.get("max_length") or getattr(config, "max_length", None) or 256
         compiled = isinstance(self.model.adapters[name], CompiledPrompt)  # folded here, or saved compiled
         self.adapters[name] = ServedAdapter(name, Path(directory), trained.spec, method or config.method, parameters,
-                                            int(max_length), compiled, int(getattr(config, "prompt_length", 0)))
+                                            int(max_length), compiled)
         return self.adapters[name]
 
     def _check_backbone(self, trained, directory) -> None:
@@ -150,8 +149,7 @@ class AdapterPool:
         (`eptkit.batching.length_groups`)."""
         specs = [self.get(name).spec for name in names]
         out: list = [None] * len(rows)
-        width = max(self.get(name).prompt_positions for name in set(names))  # a cost every row of a pass pays
-        for group in length_groups([width + len(r.get("source_input_ids", r["input_ids"])) for r in rows]):
+        for group in length_groups([len(r.get("source_input_ids", r["input_ids"])) for r in rows]):
             preds = predict_mixed(self.model, self.tokenizer, [rows[i] for i in group], [specs[i] for i in group],
                                   [names[i] for i in group])
             for i, p in zip(group, preds):

@@ -148,10 +148,10 @@ class MultiTrainer:
         self.model = self.trainers[-1].model
         self.task_type = model.task_type
         self.collate = self.trainers[0].collate
-        # A mixed batch pads every row's prompt to the widest one (eptkit.mixed), so that is a cost every row pays.
-        self.prompt_width = max(t.unwrapped.prompt_positions for t in self.trainers)
-        # On a CPU a pass costs what its padded tokens do: rows of similar length share a pass (at most 30%
-        # padding), and that saves more than the one big batch would. On an accelerator one pass is cheapest.
+        # On a CPU a pass costs what its padded tokens do: rows of similar text length share a pass (at most
+        # 30% padding over their text; benchmarks/multirun.py and serve_load.py measured it against one pass
+        # and against counting the prompt too, which merges more rows and pads more). On an accelerator one
+        # pass is cheapest.
         if length_waste is not None and length_waste < 0:
             length_waste = 0.3 if accelerator.device.type == "cpu" else None
         self.length_waste = length_waste
@@ -159,8 +159,7 @@ class MultiTrainer:
     def _groups(self, rows: list[dict]) -> list[list[int]]:
         if self.length_waste is None:
             return [list(range(len(rows)))]
-        cost = [self.prompt_width + len(r["input_ids"]) + (len(r["labels"]) if self.task_type == "seq2seq" else 0)
-                for r in rows]
+        cost = [len(r["input_ids"]) + (len(r["labels"]) if self.task_type == "seq2seq" else 0) for r in rows]
         return length_groups(cost, self.length_waste)
 
     def _forward_backward(self, trainers, micro_batches: list[list[dict]], scale: float) -> list[float]:
