@@ -40,6 +40,9 @@ def predict_rows(model, tokenizer, spec, rows: list[dict], *, batch_size: int = 
     n = len(rows)
     per_proc = math.ceil(n / world)
     mine = [(rank + world * i) % n for i in range(per_proc)]  # padded by wrapping: equal shards
+    # Longest rows first, so each batch holds rows of similar length and pads little (the longest batch
+    # also comes first, where running out of memory shows at once); predictions go back to row order.
+    mine.sort(key=lambda i: -len(rows[i].get("source_input_ids", rows[i]["input_ids"])))
     collate = Collator(tokenizer, model.task_type)
     budget = max_new_tokens or _label_budget(spec, tokenizer)
     preds: list[float] = []
@@ -49,16 +52,15 @@ def predict_rows(model, tokenizer, spec, rows: list[dict], *, batch_size: int = 
             chunk = [rows[i] for i in mine[start:start + batch_size]]
             preds.extend(_batch_values(model, tokenizer, collate, chunk, [spec] * len(chunk), [budget] * len(chunk),
                                        device))
+    idx = mine
     if accelerator is not None and world > 1:
         t = torch.tensor(preds, dtype=torch.float64, device=device)
-        idx = torch.tensor(mine, dtype=torch.long, device=device)
-        t, idx = accelerator.gather(t).cpu().tolist(), accelerator.gather(idx).cpu().tolist()
-        merged: dict[int, float] = {}
-        for i, v in zip(idx, t):
-            merged.setdefault(i, v)
-        preds = [merged[i] for i in range(n)]
-    else:
-        preds = preds[:n]
+        i = torch.tensor(mine, dtype=torch.long, device=device)
+        preds, idx = accelerator.gather(t).cpu().tolist(), accelerator.gather(i).cpu().tolist()
+    merged: dict[int, float] = {}
+    for i, v in zip(idx, preds):
+        merged.setdefault(i, v)
+    preds = [merged[i] for i in range(n)]
     if was_training:
         model.train()
     return [_prediction(v, spec) for v in preds]
