@@ -55,7 +55,7 @@ def _device_memory() -> int | None:
     return torch.cuda.memory_allocated() if torch.cuda.is_available() else None
 
 
-def joint(args, spec, data, root: Path, k: int, length_waste: float | None = -1.0) -> dict:
+def joint(args, spec, data, root: Path, k: int, length_waste: float | str | None = "auto") -> dict:
     config = method_config(args.method, args.prompt_length, args.max_length)
     runs = [(f"seed-{s}", config, spec, s) for s in range(k)]
     model, tok = shared_prompted_model(args.model, "classification", runs)

@@ -148,11 +148,11 @@ def _backbone(kind):
                                                               attention_probs_dropout_prob=0.0), tok
 
 
-@pytest.mark.parametrize("kind,length_waste", [("seq2seq", -1.0), ("causal", -1.0), ("llama", -1.0), ("minilm", -1.0),
-                                               ("seq2seq", 0.0), ("causal", None), ("minilm", 0.0)])
+@pytest.mark.parametrize("kind,length_waste", [("seq2seq", "auto"), ("causal", "auto"), ("llama", "auto"),
+                                               ("minilm", "auto"), ("seq2seq", 0.0), ("causal", None), ("minilm", 0.0)])
 def test_runs_of_different_methods_equal_separate_runs(kind, length_waste, tmp_path):
     """T5, GPT-2, Llama and the bundled MiniLM (dropout off); PT and EPT of different prompt lengths. The joint
-    step's rows go through passes by length: the CPU default (-1: 30% padding at most), every length its own
+    step's rows go through passes by length: the CPU default ("auto": 30% padding at most), every length its own
     pass (0.0: each run's rows split over several passes), or one pass for all (None)."""
     backbone, tok = _backbone(kind)
     configs = {"pt": PromptTuningConfig(prompt_length=3),

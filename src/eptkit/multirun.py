@@ -120,7 +120,8 @@ def loss_items(task_type: str, row: dict) -> int:
 class MultiTrainer:
     """Several runs over one PromptedModel in one process; `run()` returns each run's results."""
 
-    def __init__(self, model, tokenizer, runs: list[RunSpec], *, accelerator=None, length_waste: float | None = -1.0):
+    def __init__(self, model, tokenizer, runs: list[RunSpec], *, accelerator=None,
+                 length_waste: float | str | None = "auto"):
         from accelerate import Accelerator
 
         if not runs:
@@ -152,7 +153,7 @@ class MultiTrainer:
         # 30% padding over their text; benchmarks/multirun.py and serve_load.py measured it against one pass
         # and against counting the prompt too, which merges more rows and pads more). On an accelerator one
         # pass is cheapest.
-        if length_waste is not None and length_waste < 0:
+        if length_waste == "auto":
             length_waste = 0.3 if accelerator.device.type == "cpu" else None
         self.length_waste = length_waste
 
@@ -182,7 +183,8 @@ class MultiTrainer:
                 logits = self.model(**inputs, adapter_names=[trainers[owner[i]].adapter_name for i in group]).logits
                 for k in owners.unique().tolist():
                     mine = (owners == k).nonzero().squeeze(1).to(acc.device)
-                    loss = rows_loss_sum(self.task_type, config, logits[mine], inputs["labels"][mine]) / max(items[k], 1)
+                    loss = rows_loss_sum(self.task_type, config, logits[mine], inputs["labels"][mine])
+                    loss = loss / max(items[k], 1)  # this run's mean over its whole micro-batch
                     losses[k] += float(loss.detach())
                     total = total + loss * trainers[k].loss_scale
             acc.backward(total * scale)
@@ -220,8 +222,9 @@ class MultiTrainer:
         return [t._finish(stopped[t]) for t in self.trainers]
 
 
-def train_runs(model, tokenizer, runs: list[RunSpec], *, accelerator=None, length_waste: float | None = -1.0) -> list[dict]:
+def train_runs(model, tokenizer, runs: list[RunSpec], *, accelerator=None,
+               length_waste: float | str | None = "auto") -> list[dict]:
     """Train every run (an adapter of `model`) in one process; returns each run's results.json dict.
-    `length_waste`: rows of similar length share a pass, with at most this share of padding (None: one pass
-    for all rows; the default: 0.3 on a CPU, one pass on an accelerator)."""
+    `length_waste`: rows of similar text length share a pass, with at most this share of padding (None: one
+    pass for all rows; "auto": 0.3 on a CPU, one pass on an accelerator)."""
     return MultiTrainer(model, tokenizer, runs, accelerator=accelerator, length_waste=length_waste).run()
