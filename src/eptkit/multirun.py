@@ -1,9 +1,10 @@
 """Several training runs in one process over one frozen backbone (docs/method.md, "Several runs in one process").
 
 Each run is a named adapter of one `PromptedModel`. Every step takes each run's next micro-batch
-(its own data order), joins them into one mixed batch (`model(..., adapter_names=...)`), and
-computes each run's loss on its own rows; the sum is back-propagated once, and since a run's
-adapter only sees its own rows, its gradient is the one it would get alone. Each run then steps its
+(its own data order) and passes the rows of all runs as mixed batches (`model(..., adapter_names=...)`):
+one pass on an accelerator, passes of rows of similar length on a CPU (`length_waste`). Each run's loss
+is the mean over its own rows however the passes split them; the sum is back-propagated, and since a
+run's adapter only sees its own rows, its gradient is the one it would get alone. Each run then steps its
 own optimizer and schedule, and logs, evaluates, keeps its best adapter, checkpoints, resumes and
 writes its output directory exactly as `eptkit.train` does for one run (one `Trainer` per run, whose
 model is the shared model with that run's adapter active).
