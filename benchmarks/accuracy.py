@@ -16,9 +16,10 @@ Protocol (see benchmarks/README.md, "Accuracy"):
 5. recipe: the recipe choices other than the rate (optimiser, prompt initialisation, warm-up, head
    rate, regression targets), each changed alone from the selected EPT/PT recipe, on validation.
 Every run is one `eptkit train ...` command (recorded in the CSV's `command` column) in a fresh
-process; with --together K, up to K PT/DePT/EPT runs of one task share one `eptkit train --sweep` process
-(eptkit.multirun: one frozen backbone; the sweep file is kept in results/sweeps/). Finished cells are skipped, so the suite resumes across sessions; a row counts as finished
-(or reusable, or a selection candidate) only at the budget (steps, eval steps, batch) it was run with.
+process; with --together K, up to K PT/DePT/EPT runs of one task share one `eptkit train --sweep`
+process (eptkit.multirun: one frozen backbone; the sweep file is kept in results/sweeps/). Finished
+cells are skipped, so the suite resumes across sessions; a row counts as finished (or reusable, or a
+selection candidate) only at the budget (steps, eval steps, batch) it was run with.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import statistics
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
