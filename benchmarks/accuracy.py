@@ -422,13 +422,15 @@ def report(args) -> None:
                  "run `python benchmarks/accuracy.py run` first")
     tasks = [t for t in TASKS if any(r["task"] == t for r in rows)]
     methods = [m for m in MAIN_METHODS + EXTRA_METHODS + ABLATIONS if any(r["method"] == m for r in rows)]
+    paired = _paired_seeds(rows)
     cell = {}
     for r in rows:
-        cell.setdefault((r["method"], r["task"]), []).append(r)
+        if r["seed"] in paired[r["task"]]:
+            cell.setdefault((r["method"], r["task"]), []).append(r)
     if args.data_dir.is_dir():  # a reference row: what predicting one constant scores
         methods = ["majority", *methods]
         for t in tasks:
-            seeds = sorted({int(r["seed"]) for r in rows if r["task"] == t})
+            seeds = sorted(int(seed) for seed in paired[t])
             cell[("majority", t)] = [{"test": v, "train_seconds": 0, "trainable_params": 0}
                                      for v in majority_scores(t, seeds, args.data_dir)]
     lines = ["| method | params | " + " | ".join(tasks) + " | average | train s/run |",
@@ -453,7 +455,8 @@ def report(args) -> None:
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     chosen = selected_lrs(results_dir / "lr_selection.csv", budget)
     text = (f"Budget: {budget[0]} steps of batch {budget[2]}, validation every {budget[1]} steps.\n\n"
-            f"Test scores (task's main metric, 0-100): mean ± std over seeds (number of seeds). `majority`: a "
+            f"Test scores (task's main metric, 0-100): mean ± std over the seeds that every main method has run "
+            f"on the task (number of seeds). `majority`: a "
             f"constant prediction (the most frequent training label; STS-B: the training mean), scored on the "
             f"same test subsets.\n\n" + "\n".join(lines) + "\n\n"
             "Selected learning rates: " + "; ".join(f"{m}: `{lr_key(v)}`" for m, v in chosen.items()) + "\n\n"
@@ -466,6 +469,19 @@ def report(args) -> None:
     _plots(summary, results_dir)
     _sweep_plot(results_dir, budget)
     _learning_curves(rows, results_dir)
+
+
+def _paired_seeds(rows: list[dict]) -> dict[str, set[str]]:
+    """Per task, the seeds that every main method run on the task has: the table compares methods on
+    the same seeds, so a seed still running for some methods changes no mean."""
+    out = {}
+    for t in {r["task"] for r in rows}:
+        have = {}
+        for r in rows:
+            if r["task"] == t and r["method"] in MAIN_METHODS:
+                have.setdefault(r["method"], set()).add(r["seed"])
+        out[t] = set.intersection(*have.values()) if have else set()
+    return out
 
 
 def _targets_table(cell: dict, tasks: list[str], summary: dict) -> str:
