@@ -55,8 +55,8 @@ def predict_rows(model, tokenizer, spec, rows: list[dict], *, batch_size: int = 
     idx = mine
     if accelerator is not None and world > 1:
         t = torch.tensor(preds, dtype=torch.float64, device=device)
-        i = torch.tensor(mine, dtype=torch.long, device=device)
-        preds, idx = accelerator.gather(t).cpu().tolist(), accelerator.gather(i).cpu().tolist()
+        order = torch.tensor(mine, dtype=torch.long, device=device)
+        preds, idx = accelerator.gather(t).cpu().tolist(), accelerator.gather(order).cpu().tolist()
     merged: dict[int, float] = {}
     for i, v in zip(idx, preds):
         merged.setdefault(i, v)
