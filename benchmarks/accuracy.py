@@ -140,10 +140,13 @@ def _quoted(value) -> str:
 
 
 def _parse(text: str):
-    try:
-        return float(text)
-    except ValueError:
-        return text
+    """An option's value as written on a command line: an int, a float, or the text itself."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def lr_key(lr: dict) -> str:
@@ -190,14 +193,24 @@ def append_row(path: Path, row: dict) -> None:
 
 
 # ---------------------------------------------------------------------------- one run
+def _rel(path) -> str:
+    return os.path.relpath(path, ROOT)  # commands run from the repository root
+
+
+def _train_command(task, data_dir, out_dir, steps, eval_steps, batch_size, seed=None) -> list[str]:
+    """`eptkit train` with the options every run of the suite shares."""
+    return ["eptkit", "train", "--task", task, "--data-dir", _rel(data_dir), "--output-dir", _rel(out_dir),
+            *([] if seed is None else ["--seed", str(seed)]), "--max-steps", str(steps), "--eval-steps",
+            str(eval_steps), "--batch-size", str(batch_size), *COMMON]
+
+
+def _method_words(method, lr: dict) -> list[str]:
+    """The options of one cell after the shared ones: its method's, then its rates (and start)."""
+    return [*METHOD_ARGS[method], *(x for k, v in sorted(lr.items()) for x in (k, _fmt(v)))]
+
+
 def command_for(task, method, seed, lr: dict, steps, eval_steps, data_dir, out_dir, batch_size=16) -> list[str]:
-    rel = lambda p: os.path.relpath(p, ROOT)  # commands run from the repository root  # noqa: E731
-    args = ["eptkit", "train", "--task", task, "--data-dir", rel(data_dir), "--output-dir", rel(out_dir),
-            "--seed", str(seed), "--max-steps", str(steps), "--eval-steps", str(eval_steps),
-            "--batch-size", str(batch_size), *COMMON, *METHOD_ARGS[method]]
-    for k, v in sorted(lr.items()):
-        args += [k, _fmt(v)]
-    return args
+    return [*_train_command(task, data_dir, out_dir, steps, eval_steps, batch_size, seed), *_method_words(method, lr)]
 
 
 def run_dir_name(task, method, seed, lr, opts) -> str:
@@ -243,21 +256,12 @@ def sweep_run_name(task, method, seed, lr, opts) -> str:
 
 def _sweep_entry(method, seed, lr) -> dict:
     """One run of a sweep file: the options a separate run's command gives after the shared ones."""
-    words, entry = [*METHOD_ARGS[method], *(x for k, v in sorted(lr.items()) for x in (k, _fmt(v)))], {"seed": seed}
+    words, entry = _method_words(method, lr), {"seed": seed}
     for i, word in enumerate(words):
         if word.startswith("--"):
             value = words[i + 1] if i + 1 < len(words) and not words[i + 1].startswith("--") else True
-            entry[word[2:]] = _number(value) if isinstance(value, str) else value
+            entry[word[2:]] = _parse(value) if isinstance(value, str) else value
     return entry
-
-
-def _number(text: str):
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def run_together(cells, opts) -> list[dict]:
@@ -272,10 +276,8 @@ def run_together(cells, opts) -> list[dict]:
     atomic_write_json(sweep, {"runs": [{"name": name, **_sweep_entry(method, seed, lr)}
                                        for name, (_, method, seed, lr) in zip(names, cells)]})
     out_dir = opts.runs_dir / f"together-{task}-{tag}"
-    rel = lambda p: os.path.relpath(p, ROOT)  # noqa: E731
-    cmd = ["eptkit", "train", "--task", task, "--data-dir", rel(opts.data_dir), "--output-dir", rel(out_dir),
-           "--max-steps", str(opts.steps), "--eval-steps", str(opts.eval_steps), "--batch-size", str(opts.batch_size),
-           *COMMON, "--sweep", rel(sweep)]
+    cmd = [*_train_command(task, opts.data_dir, out_dir, opts.steps, opts.eval_steps, opts.batch_size),
+           "--sweep", _rel(sweep)]
     _launch(cmd, opts.threads)
     return [_row(*cell, opts, out_dir / name, cmd) for name, cell in zip(names, cells)]
 
@@ -706,7 +708,7 @@ def rerun(args) -> None:
         name, value = words.pop(0).split("=", 1)
         env[name] = value
     out_dir = args.runs_dir / "rerun" / f"{args.task}-{args.method}-s{args.seed}"
-    words[words.index("--output-dir") + 1] = os.path.relpath(out_dir, ROOT)
+    words[words.index("--output-dir") + 1] = _rel(out_dir)
     if "--sweep" in words:  # trained beside other runs in one process (--together): they all run again
         budget = argparse.Namespace(steps=row["steps"], batch_size=row["batch_size"], eval_steps=row["eval_steps"])
         out_dir = out_dir / sweep_run_name(row["task"], row["method"], row["seed"], parse_lr_key(row["lr"]), budget)
