@@ -69,6 +69,8 @@ def test_report_averages_over_seeds_and_tasks_and_pairs_variants_with_the_select
                              "train_seconds": 5, "metric": "accuracy", "validation": v, "test": v,
                              "lr": key(ept_lr), "command": "eptkit train"})
     rows.append({**rows[0], "steps": 2000, "test": 0})  # another budget: not in this report
+    # Trained with other runs in one process: its time is the whole process's, so the time column skips it.
+    rows[1].update(train_seconds=99, command="eptkit train --sweep sweep.json")
     _write(tmp_path / "accuracy.csv", rows)
     _write(tmp_path / "lr_selection.csv", [{"task": "rte", "method": "ept", "seed": 0, "validation": 60,
                                             "lr": key(ept_lr), **budget}])
@@ -79,7 +81,7 @@ def test_report_averages_over_seeds_and_tasks_and_pairs_variants_with_the_select
     ept_line = next(line for line in table.splitlines() if line.startswith("| ept |"))
     # rte mean 62 (std 2.83); cb: seed 1 has no pt row, so the table keeps seed 0 only (70), for every
     # method alike (paired seeds); average over tasks 66
-    assert "62.0 ± 2.8 (2)" in ept_line and "70.0 ± 0.0 (1)" in ept_line and "| 66.0 |" in ept_line
+    assert "62.0 ± 2.8 (2)" in ept_line and "70.0 ± 0.0 (1)" in ept_line and "| 66.0 | 5 |" in ept_line
     pt_line = next(line for line in table.splitlines() if line.startswith("| pt |"))
     assert "70.0 ± 0.0 (1)" in pt_line and "| 60.0 |" in pt_line
     assert (tmp_path / "accuracy_vs_params.png").stat().st_size > 0
