@@ -504,10 +504,11 @@ def _targets_table(cell: dict, tasks: list[str], summary: dict) -> str:
         gaps = [mean[(m, t)] - mean[("head", t)] for m in prompt_methods]
         need = 1.0 if lora >= 3 else -1.0
         target = "each > +1 (LoRA leads by 3+)" if lora >= 3 else "each >= -1"
-        met = all(g > need if need > 0 else g >= need for g in gaps)
-        lines.append(f"| {t} | {lora:+.1f} | " + " | ".join(f"{g:+.1f}" for g in gaps)
-                     + f" | {target} | {'yes' if met else '**no**'} |")
-    averages = ", ".join(f"{m} {summary[m]['average']:.1f}" for m in ("head", *prompt_methods, "lora")
+        missed = [m for m, g in zip(prompt_methods, gaps) if not (g > need if need > 0 else g >= need)]
+        # Two decimals: a gap of -1.04 must not read as a met -1.0.
+        lines.append(f"| {t} | {lora:+.2f} | " + " | ".join(f"{g:+.2f}" for g in gaps)
+                     + f" | {target} | {'**no** (' + ', '.join(missed) + ')' if missed else 'yes'} |")
+    averages = ", ".join(f"{m} {summary[m]['average']:.2f}" for m in ("head", *prompt_methods, "lora")
                          if summary.get(m, {}).get("average") is not None)
     return ("\nIssue 9's targets (mean test scores; a prompt method's gap to the linear probe, `head`):\n\n"
             + "\n".join(lines) + f"\n\nAverages over the tasks above: {averages}.\n")

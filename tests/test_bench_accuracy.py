@@ -207,3 +207,20 @@ def test_runs_trained_together_are_recorded_and_rerun_from_their_command(tmp_pat
                      str(tmp_path / "runs"), "--tolerance", "0.01"])  # rows keep 2 decimals
     out = capsys.readouterr().out
     assert out.count("difference +0.00") + out.count("difference -0.00") == 2
+
+
+def test_targets_table_names_each_method_that_misses_a_target(tmp_path):
+    budget = {"steps": 150, "eval_steps": 50, "batch_size": 16}
+    scores = {"head": {"rte": 60.0, "sst2": 80.0}, "lora": {"rte": 61.0, "sst2": 84.0},
+              "pt": {"rte": 58.96, "sst2": 81.5}, "dept": {"rte": 59.0, "sst2": 80.9},
+              "ept": {"rte": 60.0, "sst2": 82.0}}
+    _write(tmp_path / "accuracy.csv", [
+        {"task": t, "method": m, "seed": 0, **budget, "trainable_params": 1, "train_seconds": 1,
+         "metric": "accuracy", "validation": v, "test": v, "lr": "", "command": "eptkit train"}
+        for m, per_task in scores.items() for t, v in per_task.items()])
+    HARNESS["main"](["--results-dir", str(tmp_path), "report", "--data-dir", str(tmp_path / "absent")])
+    lines = (tmp_path / "accuracy.md").read_text().splitlines()
+    # rte: LoRA leads by 1 (< 3), so each prompt method must be >= -1: pt's -1.04 misses, dept's -1.00 meets.
+    assert next(l for l in lines if l.startswith("| rte |")).endswith("| each >= -1 | **no** (pt) |")
+    # sst2: LoRA leads by 4, so each must beat the probe by more than 1: dept's +0.9 misses.
+    assert next(l for l in lines if l.startswith("| sst2 |")).endswith("**no** (dept) |")
