@@ -681,8 +681,12 @@ def _plots(summary: dict, results_dir: Path) -> None:
     majority = summary.get("majority", {}).get("average")
     for key, label, name in (("params", "trainable parameters", "accuracy_vs_params.png"),
                              ("seconds", "training time per run (s, CPU)", "accuracy_vs_time.png")):
+        # A method with no time has only runs trained together (their time is the whole process's).
+        drawn = {m: s for m, s in points.items() if s[key]}
+        if not drawn:
+            continue
         fig, ax = plt.subplots(figsize=(6, 4))
-        for m, s in points.items():
+        for m, s in drawn.items():
             ax.scatter(s[key], s["average"])
             ax.annotate(m, (s[key], s["average"]), textcoords="offset points", xytext=(4, 4))
         if majority is not None:
