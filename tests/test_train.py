@@ -177,6 +177,27 @@ def test_lr_groups_follow_the_schedule(tiny_models, tmp_path):
     assert log[3]["lr"]["prompt"] == pytest.approx(0.1)  # linear decay to 0 at max_steps
 
 
+def test_constant_schedule_makes_a_long_run_start_as_the_short_run(tiny_models, tmp_path):
+    """With lr_schedule='constant' the first N steps of a longer run are the N-step run, step for step, and
+    test_at_best logs the test score of every new best validation step."""
+    logs = {}
+    for steps in (3, 6):
+        model, tok = make_model(tiny_models["bert"], "ept")
+        out = tmp_path / str(steps)
+        train(model, tok, "cb", synthetic_cb(), quick_config(out, max_steps=steps, warmup_steps=2, eval_steps=1,
+                                                              lr_schedule="constant", test_at_best=True,
+                                                              lr_unit="absolute", lr=0.2))
+        logs[steps] = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["lr"]["prompt"] for r in logs[6]] == pytest.approx([0.0, 0.1, 0.2, 0.2, 0.2, 0.2])
+    assert [r["loss"] for r in logs[6][:3]] == [r["loss"] for r in logs[3]]
+    for record in logs[6]:
+        evaluation = record["eval"]
+        assert ("test" in evaluation) == evaluation["improved"]
+    best = [r for r in logs[3] if r["eval"]["improved"]][-1]
+    results = json.loads((tmp_path / "3" / "results.json").read_text())
+    assert results["best_step"] == best["step"] and results["test"] == pytest.approx(best["eval"]["test"])
+
+
 def test_relative_rates_scale_the_embedding_space_groups_by_the_word_embedding_rms(tiny_models, tmp_path):
     model, tok = make_model(tiny_models["bert"], "ept")
     weight = model.backbone.get_input_embeddings().weight.detach().double()

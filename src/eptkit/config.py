@@ -183,6 +183,7 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 LR_UNITS = ("embedding_rms", "absolute")
 OPTIMIZERS = ("adamw", "adafactor")
 REGRESSION_TARGETS = ("standardize", "raw")
+LR_SCHEDULES = ("linear", "constant")
 
 
 @dataclass
@@ -217,6 +218,14 @@ class TrainConfig:
     warmup_ratio: float = _help("Linear warm-up over this fraction of max_steps (ignored if warmup_steps > 0).",
                                 default=0.06)
     warmup_steps: int = _help("Linear warm-up steps (overrides warmup_ratio when > 0).", default=0)
+    lr_schedule: str = _help(
+        "After the warm-up: 'linear' decays every rate to 0 at max_steps; 'constant' holds it, so the first N "
+        "steps of a run are exactly an N-step run (with warmup_steps, not warmup_ratio) and one long run "
+        "gives every shorter budget.", default="linear")
+    test_at_best: bool = _help(
+        "Also score the test split each time validation improves (logged in log.jsonl), so every shorter "
+        "budget of a run has the test score of its best validation step. Selection still uses validation "
+        "only.", default=False)
     max_grad_norm: float = _help("Clip the gradient norm to this value (0: no clipping).", default=1.0)
     gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
     batch_size: int = _help("Training examples per micro-batch per process.", default=16)
@@ -273,7 +282,7 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 _check_int(self, name, minimum=1)
         for name, choices in (("lr_unit", LR_UNITS), ("optimizer", OPTIMIZERS),
-                              ("regression_targets", REGRESSION_TARGETS)):
+                              ("regression_targets", REGRESSION_TARGETS), ("lr_schedule", LR_SCHEDULES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}: must be one of {choices}, got {getattr(self, name)!r}")
         if self.mixed_precision not in MIXED_PRECISION:
@@ -303,7 +312,7 @@ class TrainConfig:
 # Settings that change the trajectory: a resumed run must use the same ones.
 TRAJECTORY_FIELDS = ("lr", "lr_low_rank", "lr_unit", "optimizer", "regression_targets", "lr_ept", "lr_head",
                      "lr_full", "lr_lora", "weight_decay",
-                     "warmup_ratio", "warmup_steps", "max_grad_norm", "gradient_accumulation_steps",
+                     "warmup_ratio", "warmup_steps", "lr_schedule", "max_grad_norm", "gradient_accumulation_steps",
                      "batch_size", "seed", "mixed_precision", "max_length", "max_train_samples")
 
 

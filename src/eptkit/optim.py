@@ -82,7 +82,9 @@ def standardize_regression(model, labels: list[float]) -> float:
 
 
 def make_scheduler(optimizer, config: TrainConfig):
-    from transformers import get_linear_schedule_with_warmup
+    from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
     warmup = config.warmup_steps or int(round(config.warmup_ratio * config.max_steps))
+    if config.lr_schedule == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup)
     return get_linear_schedule_with_warmup(optimizer, warmup, config.max_steps)

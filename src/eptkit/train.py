@@ -240,6 +240,8 @@ class Trainer:
         if has_validation and (s.step == cfg.max_steps or (cfg.eval_steps and s.step % cfg.eval_steps == 0)):
             metrics = self.evaluate("validation")
             record["eval"] = {"validation": metrics, "improved": self._maybe_improve(metrics)}
+            if cfg.test_at_best and record["eval"]["improved"] and len(self.encoded.get("test", [])) > 0:
+                record["eval"]["test"] = self.evaluate("test")
             self.model.train()
             self.report.print(f"eval step {s.step}: {self.spec.main_metric} {main_metric(self.spec, metrics):.2f} "
                         f"(best {s.best_metric:.2f} at step {s.best_step})")
