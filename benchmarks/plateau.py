@@ -1,0 +1,465 @@
+"""Plateau study (issue 20): one budget per task at which every method has stopped climbing, and paired
+seeds at that budget to tell EPT from DePT and PT.
+
+    python benchmarks/plateau.py run --phase pilot      # seed 0, long budget: PT, DePT, EPT, LoRA on STS-B, SST-2
+    python benchmarks/plateau.py run --phase paired --steps B   # EPT, DePT at seeds 0-4; PT, LoRA at 0-2
+    python benchmarks/plateau.py run --phase ablation --steps B # no fusion / no projection (3 seeds), 1/2/8 subspaces
+    python benchmarks/plateau.py collect                # CSVs from the run folders (also partly trained ones)
+    python benchmarks/plateau.py report                 # plateau.md, plateau_curves.png, plateau_vs_time.png
+
+Why one long run gives every budget: each run trains at a constant rate after a fixed warm-up
+(`--lr-schedule constant --warmup-steps 10`), so its first B steps are exactly a B-step run. It is
+validated on the whole validation split every `--eval-steps`, and the test split is scored each time
+validation improves (`--test-at-best`). Its result at budget B is the test score of its best validation
+step up to B: selection on validation only. A run cut short (the session ended) still gives every
+budget up to its last evaluation, so `collect` reads unfinished runs too; the command recorded for such
+a row re-runs exactly the steps it reached.
+
+The learning rates and starts are those the 150-step suite selected on validation (benchmarks/accuracy.py,
+results/lr_selection.csv); the budgets (PT l=100; DePT and EPT m=60, r=30, max_length 128; LoRA r=8) are
+the suite's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from accuracy import METHOD_ARGS, lr_key, selected_lrs
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+TASKS = ("stsb", "sst2")  # the two tasks where LoRA beats the linear probe by 3+ points at 150 steps
+SELECTION_BUDGET = ("150", "50", "16")  # the suite budget whose selected rates the study uses
+WARMUP_STEPS = 10  # the selected recipe's warm-up (0.06 x 150 steps), fixed so every prefix is a run
+PHASES = {
+    # phase: [(methods, seeds)]
+    "pilot": [(("ept", "dept", "pt", "lora"), (0,))],
+    "paired": [(("ept", "dept"), (0, 1, 2, 3, 4)), (("pt", "lora"), (0, 1, 2))],
+    "ablation": [(("ept_no_fusion", "ept_no_projection"), (0, 1, 2)), (("ept_n1", "ept_n2", "ept_n8"), (0,))],
+}
+# The plateau criterion: at budget B a curve has flattened when the mean of its last three evaluations
+# up to B is less than PLATEAU_GAIN points above the same mean at 0.75 B (the last quarter adds < 0.5).
+PLATEAU_GAIN = 0.5
+RUN_COLUMNS = ("task", "method", "seed", "steps", "batch_size", "eval_steps", "validation", "test", "best_step",
+               "train_seconds", "wall_seconds", "finished", "command")
+CURVE_COLUMNS = ("task", "method", "seed", "step", "validation", "test", "train_seconds")
+PAIRS = (("ept", "dept"), ("ept", "pt"), ("ept", "ept_no_fusion"), ("ept", "ept_no_projection"),
+         ("ept", "ept_n1"), ("ept", "ept_n2"), ("ept", "ept_n8"))
+
+
+# ---------------------------------------------------------------------------- commands
+def run_name(task, method, seed, opts) -> str:
+    return f"{task}-{method}-s{seed}-b{opts.batch_size}e{opts.eval_steps}"
+
+
+def command_for(task, method, seed, steps, opts, rates: dict) -> list[str]:
+    out_dir = os.path.relpath(opts.runs_dir / run_name(task, method, seed, opts), ROOT)
+    data_dir = os.path.relpath(opts.data_dir, ROOT)
+    rate_words = [x for k, v in sorted(rates.items()) for x in (k, f"{v:g}" if isinstance(v, float) else str(v))]
+    return ["eptkit", "train", "--task", task, "--data-dir", data_dir, "--output-dir", out_dir, "--seed", str(seed),
+            "--max-steps", str(steps), "--eval-steps", str(opts.eval_steps), "--batch-size", str(opts.batch_size),
+            "--max-length", "128", "--save-steps", "0", "--early-stopping-patience", "0",
+            "--lr-schedule", "constant", "--warmup-steps", str(WARMUP_STEPS), "--test-at-best",
+            *METHOD_ARGS[method], *rate_words]
+
+
+def _with_steps(command: str, steps: int) -> str:
+    words = shlex.split(command)
+    words[words.index("--max-steps") + 1] = str(steps)
+    return shlex.join(words)
+
+
+def launch(cmd: list[str], threads: int) -> float:
+    """Run one `eptkit train` in a fresh process of this checkout's code; return its wall time."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    print(f"[plateau] {time.strftime('%H:%M:%S')} {shlex.join(cmd)}", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "eptkit.cli", *cmd[1:], "--overwrite"], env=env, cwd=ROOT,
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise RuntimeError(f"run failed ({proc.returncode}): {shlex.join(cmd)}\n" + "\n".join(tail))
+    return wall
+
+
+# ---------------------------------------------------------------------------- run folders -> CSV rows
+def read_csv(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_csv(path: Path, columns, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row.get(k, "") for k in columns})
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(buffer.getvalue())
+    os.replace(tmp, path)  # never a half-written table
+
+
+def read_run(run_dir: Path) -> tuple[dict, list[dict]] | None:
+    """(run row, curve rows) of one run folder, finished or not; None before its first evaluation."""
+    info_path, log_path = run_dir / "eptkit_run.json", run_dir / "log.jsonl"
+    if not info_path.is_file() or not log_path.is_file():
+        return None
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    meta = json.loads((run_dir / "plateau_run.json").read_text())
+    metric = meta["metric"]
+    curve, seconds, best = [], 0.0, None
+    for record in records:
+        seconds += record["step_time_s"]
+        if "eval" not in record:
+            continue
+        point = {"task": meta["task"], "method": meta["method"], "seed": meta["seed"], "step": record["step"],
+                 "validation": round(record["eval"]["validation"][metric], 4), "test": "",
+                 "train_seconds": round(seconds, 1)}
+        if "test" in record["eval"]:
+            point["test"] = round(record["eval"]["test"][metric], 4)
+        if record["eval"]["improved"]:
+            best = point
+        curve.append(point)
+    if not curve:
+        return None
+    finished = (run_dir / "results.json").is_file()
+    steps = curve[-1]["step"]
+    row = {"task": meta["task"], "method": meta["method"], "seed": meta["seed"], "steps": steps,
+           "batch_size": meta["batch_size"], "eval_steps": meta["eval_steps"], "validation": best["validation"],
+           "test": best["test"], "best_step": best["step"], "train_seconds": curve[-1]["train_seconds"],
+           "wall_seconds": meta.get("wall_seconds", ""), "finished": int(finished),
+           "command": _with_steps(meta["command"], steps)}
+    return row, curve
+
+
+def collect(opts) -> None:
+    """plateau.csv and plateau_curves.csv from the run folders here, keeping rows of runs whose folders
+    are gone (an earlier session's); a run's row is replaced only by one that reached more steps."""
+    runs_path, curves_path = opts.results_dir / "plateau.csv", opts.results_dir / "plateau_curves.csv"
+    key = lambda r: (r["task"], r["method"], str(r["seed"]))  # noqa: E731
+    runs = {key(r): r for r in read_csv(runs_path)}
+    curves: dict[tuple, list[dict]] = {}
+    for point in read_csv(curves_path):
+        curves.setdefault(key(point), []).append(point)
+    if opts.runs_dir.is_dir():
+        for run_dir in sorted(opts.runs_dir.iterdir()):
+            found = read_run(run_dir) if (run_dir / "plateau_run.json").is_file() else None
+            if found is None:
+                continue
+            row, curve = found
+            old = runs.get(key(row))
+            if old is None or int(old["steps"]) <= int(row["steps"]):
+                runs[key(row)], curves[key(row)] = row, curve
+    write_csv(runs_path, RUN_COLUMNS, sorted(runs.values(), key=lambda r: (r["task"], r["method"], int(r["seed"]))))
+    write_csv(curves_path, CURVE_COLUMNS, [p for k in sorted(curves) for p in curves[k]])
+
+
+# ---------------------------------------------------------------------------- running
+def cells_for(phase: str, opts) -> list[tuple]:
+    done = {(r["task"], r["method"], r["seed"]) for r in read_csv(opts.results_dir / "plateau.csv")
+            if int(r["steps"]) >= opts.steps and r["eval_steps"] == str(opts.eval_steps)
+            and r["batch_size"] == str(opts.batch_size)}
+    cells = []
+    for methods, seeds in PHASES[phase]:
+        for seed in opts.seeds or seeds:
+            for task in opts.tasks:
+                for method in opts.methods or methods:
+                    if (task, method, str(seed)) not in done:
+                        cells.append((task, method, seed))
+    return cells
+
+
+def run_cell(task, method, seed, opts, rates) -> None:
+    from eptkit.tasks.registry import get_task
+
+    cmd = command_for(task, method, seed, opts.steps, opts, rates[method.split("_")[0]])
+    run_dir = ROOT / cmd[cmd.index("--output-dir") + 1]
+    meta = {"task": task, "method": method, "seed": seed, "batch_size": opts.batch_size,
+            "eval_steps": opts.eval_steps, "metric": get_task(task).main_metric,
+            "command": f"OMP_NUM_THREADS={opts.threads} " + shlex.join(cmd)}
+
+    def write_meta(**extra):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "plateau_run.json").write_text(json.dumps({**meta, **extra}))
+
+    write_meta()
+    wall = launch(cmd, opts.threads)
+    write_meta(wall_seconds=round(wall, 1))
+
+
+def run(opts) -> None:
+    rates = selected_lrs(ROOT / "benchmarks" / "results" / "lr_selection.csv", SELECTION_BUDGET)
+    opts.results_dir.mkdir(parents=True, exist_ok=True)
+    cells = cells_for(opts.phase, opts)
+    print(f"[plateau] {len(cells)} runs of {opts.steps} steps, {opts.jobs} at a time: "
+          + ", ".join("-".join(map(str, c)) for c in cells), flush=True)
+
+    lock = threading.Lock()
+
+    def one(cell):
+        run_cell(*cell, opts, rates)
+        with lock:  # one thread at a time rewrites the CSVs
+            collect(opts)
+
+    with ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
+        for future in [pool.submit(one, cell) for cell in cells]:
+            future.result()
+
+
+# ---------------------------------------------------------------------------- analysis
+def curves_by_run(points: list[dict]) -> dict[tuple, list[dict]]:
+    """(task, method, seed) -> the run's evaluations in step order, numbers parsed."""
+    runs: dict[tuple, list[dict]] = {}
+    for p in points:
+        runs.setdefault((p["task"], p["method"], int(p["seed"])), []).append(
+            {"step": int(p["step"]), "validation": float(p["validation"]),
+             "test": float(p["test"]) if p["test"] != "" else None, "train_seconds": float(p["train_seconds"])})
+    for curve in runs.values():
+        curve.sort(key=lambda q: q["step"])
+    return runs
+
+
+def at_budget(curve: list[dict], budget: int) -> dict | None:
+    """The run as a `budget`-step run: its best validation evaluation up to `budget` (the first of equals,
+    as the trainer keeps it) with that step's test score, and the training seconds to `budget`."""
+    upto = [p for p in curve if p["step"] <= budget]
+    if not upto or upto[-1]["step"] < budget:
+        return None  # the run did not reach this budget
+    best = upto[0]
+    for p in upto[1:]:
+        if p["validation"] > best["validation"]:
+            best = p
+    return {"validation": best["validation"], "test": best["test"], "best_step": best["step"],
+            "train_seconds": upto[-1]["train_seconds"]}
+
+
+def mean_curve(curves: list[list[dict]]) -> list[tuple[int, float]]:
+    """Mean validation per step over the runs that reached it."""
+    by_step: dict[int, list[float]] = {}
+    for curve in curves:
+        for p in curve:
+            by_step.setdefault(p["step"], []).append(p["validation"])
+    return sorted((step, statistics.mean(v)) for step, v in by_step.items())
+
+
+def last_quarter_gain(curve: list[tuple[int, float]], budget: int) -> float | None:
+    """Mean of the last three evaluations up to `budget` minus the same mean up to 0.75 x budget."""
+    def last3(limit):
+        values = [v for step, v in curve if step <= limit]
+        return statistics.mean(values[-3:]) if len(values) >= 3 else None
+
+    now, before = last3(budget), last3(0.75 * budget)
+    return None if now is None or before is None else now - before
+
+
+def plateau_budget(curves: dict[str, list[tuple[int, float]]]) -> tuple[int | None, dict[str, float | None]]:
+    """The smallest evaluated budget at which every method's mean curve meets the criterion; else the
+    largest budget every method reached. Returns (budget, each method's gain there)."""
+    reached = min((c[-1][0] for c in curves.values() if c), default=None)
+    if reached is None:
+        return None, {}
+    steps = sorted({s for c in curves.values() for s, _ in c if s <= reached})
+    for budget in steps:
+        gains = {m: last_quarter_gain(c, budget) for m, c in curves.items()}
+        if all(g is not None and g < PLATEAU_GAIN for g in gains.values()):
+            return budget, gains
+    return reached, {m: last_quarter_gain(c, reached) for m, c in curves.items()}
+
+
+def paired_interval(diffs: list[float]) -> tuple[float, float | None]:
+    """Mean and 95% t-interval half-width of paired differences (None with fewer than two)."""
+    from scipy import stats
+
+    mean = statistics.mean(diffs)
+    if len(diffs) < 2:
+        return mean, None
+    return mean, float(stats.t.ppf(0.975, len(diffs) - 1)) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+
+
+def _fmt_interval(mean: float, half: float | None, n: int) -> str:
+    return f"{mean:+.2f} (n={n})" if half is None else f"{mean:+.2f} ± {half:.2f} (n={n})"
+
+
+def analyse(points: list[dict], budgets: dict[str, int] | None = None) -> dict:
+    """Per task: the budget (criterion or given), each method's runs at it, and the paired differences."""
+    runs = curves_by_run(points)
+    tasks = [t for t in TASKS if any(k[0] == t for k in runs)] + sorted({k[0] for k in runs} - set(TASKS))
+    out = {"tasks": {}, "pairs": {}}
+    for task in tasks:
+        methods = sorted({k[1] for k in runs if k[0] == task})
+        curves = {m: mean_curve([c for k, c in runs.items() if k[:2] == (task, m)]) for m in methods}
+        main = {m: c for m, c in curves.items() if m in ("pt", "dept", "ept", "lora")} or curves
+        budget, gains = plateau_budget(main)
+        if budgets and task in budgets:
+            budget, gains = budgets[task], {m: last_quarter_gain(c, budgets[task]) for m, c in main.items()}
+        results = {m: {k[2]: at_budget(c, budget) for k, c in runs.items() if k[:2] == (task, m)} for m in methods}
+        results = {m: {s: r for s, r in rs.items() if r is not None} for m, rs in results.items()}
+        out["tasks"][task] = {"budget": budget, "gains": gains, "results": results, "curves": curves}
+    for a, b in PAIRS:
+        per_task, per_seed = {}, {}
+        for task, t in out["tasks"].items():
+            ra, rb = t["results"].get(a, {}), t["results"].get(b, {})
+            seeds = sorted(set(ra) & set(rb))
+            if seeds:
+                diffs = [ra[s]["test"] - rb[s]["test"] for s in seeds]
+                per_task[task] = (*paired_interval(diffs), len(diffs))
+                for s, d in zip(seeds, diffs):
+                    per_seed.setdefault(s, {})[task] = d
+        if per_task:
+            # overall: the mean over the tasks per seed, for seeds that every task with this pair has
+            full = [statistics.mean(d.values()) for d in per_seed.values() if set(d) == set(per_task)]
+            overall = (*paired_interval(full), len(full)) if full else None
+            out["pairs"][(a, b)] = {"tasks": per_task, "overall": overall}
+    return out
+
+
+# ---------------------------------------------------------------------------- report
+def report(opts) -> str:
+    points = read_csv(opts.results_dir / "plateau_curves.csv")
+    if not points:
+        sys.exit("no plateau runs yet: run `python benchmarks/plateau.py run --phase pilot` first")
+    budgets = dict(item.split("=") for item in opts.budget.split(",")) if opts.budget else None
+    analysis = analyse(points, {k: int(v) for k, v in budgets.items()} if budgets else None)
+    rows = read_csv(opts.results_dir / "plateau.csv")
+    lines = [f"Runs: `results/plateau.csv` (one row per run), `results/plateau_curves.csv` (every evaluation). "
+             f"Criterion: at budget B a method's mean validation curve has flattened when the mean of its last "
+             f"three evaluations up to B is less than {PLATEAU_GAIN} point above the same mean at 0.75 B. "
+             f"Each run's result at B is the test score of its best validation step up to B.", ""]
+    for task, t in analysis["tasks"].items():
+        lines += [f"### {task}: budget {t['budget']} steps", ""]
+        lines += ["| method | seeds | validation at B | test at B | last-quarter gain | train s to B |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for method, res in t["results"].items():
+            if not res:
+                continue
+            val = [r["validation"] for r in res.values()]
+            test = [r["test"] for r in res.values()]
+            secs = [r["train_seconds"] for r in res.values()]
+            gain = t["gains"].get(method)
+            if gain is None:
+                gain = last_quarter_gain(t["curves"][method], t["budget"])
+            lines.append(f"| {method} | {len(res)} | {_mean_sd(val)} | {_mean_sd(test)} | "
+                         f"{'–' if gain is None else f'{gain:+.2f}'} | {statistics.mean(secs):.0f} |")
+        lines.append("")
+    lines += ["### Paired differences at each task's budget (test, same seeds; mean ± 95% t half-width)", "",
+              "| pair | " + " | ".join(analysis["tasks"]) + " | overall (mean over tasks per seed) |",
+              "|---|" + "---:|" * (len(analysis["tasks"]) + 1)]
+    for (a, b), p in analysis["pairs"].items():
+        cells = [_fmt_interval(*p["tasks"][t]) if t in p["tasks"] else "–" for t in analysis["tasks"]]
+        cells.append(_fmt_interval(*p["overall"]) if p["overall"] else "–")
+        lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+    walls = [float(r["wall_seconds"]) for r in rows if r.get("wall_seconds")]
+    lines += ["", f"CPU time: {len(rows)} runs, {sum(walls) / 3600:.2f} process-hours of wall time recorded "
+                  f"({len(walls)} runs with a recorded wall time; 1 torch thread each)."]
+    text = "\n".join(lines) + "\n"
+    (opts.results_dir / "plateau.md").write_text(text)
+    _plots(analysis, opts.results_dir)
+    print(text)
+    return text
+
+
+def _mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} ± {sd:.2f}"
+
+
+def _plots(analysis: dict, out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(analysis["tasks"])
+    # 1. validation against step: mean and min-max band over seeds, the chosen budget marked
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        t = analysis["tasks"][task]
+        for method, curve in t["curves"].items():
+            if method.startswith("ept_"):
+                continue
+            steps = [s for s, _ in curve]
+            ax.plot(steps, [v for _, v in curve], marker=".", label=method)
+            runs = [r for r in t["results"].get(method, {})]
+            if len(runs) > 1:
+                lows, highs = _band(analysis, task, method)
+                ax.fill_between(steps[:len(lows)], lows, highs, alpha=0.15)
+        ax.axvline(t["budget"], color="gray", linestyle="--", linewidth=1)
+        ax.set_title(f"{task}: budget {t['budget']} (last quarter adds < {PLATEAU_GAIN})", fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation score")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "plateau_curves.png", dpi=120)
+    plt.close(fig)
+    # 2. accuracy against training time: each budget's test score (best validation step so far), mean over seeds
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for method, xs, ys in _time_curves(analysis, task):
+            ax.plot(xs, ys, marker=".", label=method)
+        ax.set_title(task)
+        ax.set_xscale("log")
+        ax.set_xlabel("training seconds (1 thread, CPU)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test score at the best validation step so far")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "plateau_vs_time.png", dpi=120)
+    plt.close(fig)
+
+
+def _band(analysis, task, method):
+    runs = analysis["tasks"][task]["_runs"][method] if "_runs" in analysis["tasks"][task] else None
+    return ([], []) if runs is None else runs
+
+
+def _time_curves(analysis, task):
+    return []
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=("run", "collect", "report"))
+    parser.add_argument("--phase", choices=tuple(PHASES), default="pilot")
+    parser.add_argument("--steps", type=int, default=800, help="Steps per run (the longest budget read off it).")
+    parser.add_argument("--eval-steps", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--tasks", type=lambda s: s.split(","), default=list(TASKS))
+    parser.add_argument("--methods", type=lambda s: s.split(","), default=None)
+    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=None)
+    parser.add_argument("--jobs", type=int, default=2, help="Runs at a time.")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run.")
+    parser.add_argument("--budget", default="", help="Report at these budgets instead of the criterion's "
+                                                     "(task=steps,...).")
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("EPTKIT_DATA_DIR", ROOT.parent / "shared" / "data")))
+    parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "plateau")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    opts = parser.parse_args(argv)
+    if opts.action == "run":
+        run(opts)
+    elif opts.action == "collect":
+        collect(opts)
+    else:
+        collect(opts)
+        report(opts)
+
+
+if __name__ == "__main__":
+    main()
