@@ -8,7 +8,8 @@
 #    (benchmarks/multirun.py, bf16), then the whole accuracy suite (benchmarks/accuracy.py, every phase),
 #    JOBS processes at a time on the one GPU, each training up to TOGETHER prompt runs of a task over one
 #    backbone, into $OUT/accuracy_gpu (its own CSVs: GPU kernels are not bit-identical to the CPU ones,
-#    so its rows are not mixed with the CPU suite's).
+#    so its rows are not mixed with the CPU suite's), then the plateau study (benchmarks/plateau.py) on all
+#    seven tasks at PLATEAU_STEPS (2000) constant-rate steps, 5 seeds of EPT and DePT, into $OUT/plateau_gpu.
 # Run from anywhere in a fresh checkout on a machine with one CUDA GPU:
 #
 #     bash benchmarks/gpu.sh                        # installs into .venv-gpu, then runs the speed benchmarks
@@ -96,5 +97,12 @@ elif [ -n "${DATA_DIR:-}" ] && [ "${ACCURACY:-1}" != 0 ]; then
     HF_HUB_OFFLINE=1 "$PY" benchmarks/accuracy.py --results-dir "$OUT_DIR/accuracy_gpu" run --phase all \
         --data-dir "$DATA_DIR" --jobs "${JOBS:-4}" --threads "${THREADS:-2}" --together "${TOGETHER:-6}" \
         2>&1 | tee "$OUT_DIR/accuracy_gpu.log"
+    # The plateau study (issue 20) on all seven tasks: every run long, at constant rates, so each budget is a
+    # prefix; EPT and DePT at 5 seeds, PT and LoRA at 3, the ablations; then the tables and plots.
+    HF_HUB_OFFLINE=1 "$PY" benchmarks/plateau.py run --phase all --tasks rte,mrpc,cb,cola,stsb,wic,sst2 \
+        --steps "${PLATEAU_STEPS:-2000}" --data-dir "$DATA_DIR" --results-dir "$OUT_DIR/plateau_gpu" \
+        --runs-dir "$OUT_DIR/plateau_gpu/runs" --jobs "${JOBS:-4}" --threads "${THREADS:-2}" \
+        2>&1 | tee "$OUT_DIR/plateau_gpu.log"
+    "$PY" benchmarks/plateau.py report --results-dir "$OUT_DIR/plateau_gpu" --runs-dir "$OUT_DIR/plateau_gpu/runs"
 fi
 echo "results in $OUT_DIR"

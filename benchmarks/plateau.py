@@ -4,6 +4,7 @@ seeds at that budget to tell EPT from DePT and PT.
     python benchmarks/plateau.py run --phase pilot      # seed 0, long budget: PT, DePT, EPT, LoRA on STS-B, SST-2
     python benchmarks/plateau.py run --phase paired --steps B   # EPT, DePT at seeds 0-4; PT, LoRA at 0-2
     python benchmarks/plateau.py run --phase ablation --steps B # no fusion / no projection (3 seeds), 1/2/8 subspaces
+    python benchmarks/plateau.py run --phase all --tasks rte,mrpc,cb,cola,stsb,wic,sst2 --steps 2000  # GPU
     python benchmarks/plateau.py collect                # CSVs from the run folders (also partly trained ones)
     python benchmarks/plateau.py report                 # plateau.md, plateau_curves.png, plateau_vs_time.png
 
@@ -177,11 +178,11 @@ def cells_for(phase: str, opts) -> list[tuple]:
             if int(r["steps"]) >= opts.steps and r["eval_steps"] == str(opts.eval_steps)
             and r["batch_size"] == str(opts.batch_size)}
     cells = []
-    for methods, seeds in PHASES[phase]:
+    for methods, seeds in (PHASES[phase] if phase != "all" else [x for p in PHASES.values() for x in p]):
         for seed in opts.seeds or seeds:
             for task in opts.tasks:
                 for method in opts.methods or methods:
-                    if (task, method, str(seed)) not in done:
+                    if (task, method, str(seed)) not in done and (task, method, seed) not in cells:
                         cells.append((task, method, seed))
     return cells
 
@@ -250,6 +251,11 @@ def at_budget(curve: list[dict], budget: int) -> dict | None:
             "train_seconds": upto[-1]["train_seconds"]}
 
 
+def _method_order(method: str) -> tuple[int, str]:
+    order = ("pt", "dept", "ept", "lora", "ept_no_fusion", "ept_no_projection", "ept_n1", "ept_n2", "ept_n8")
+    return (order.index(method) if method in order else len(order), method)
+
+
 def mean_curve(curves: list[list[dict]]) -> list[tuple[int, float]]:
     """Mean validation per step over the runs that reached it."""
     by_step: dict[int, list[float]] = {}
@@ -303,7 +309,7 @@ def analyse(points: list[dict], budgets: dict[str, int] | None = None) -> dict:
     tasks = [t for t in TASKS if any(k[0] == t for k in runs)] + sorted({k[0] for k in runs} - set(TASKS))
     out = {"tasks": {}, "pairs": {}}
     for task in tasks:
-        methods = sorted({k[1] for k in runs if k[0] == task})
+        methods = sorted({k[1] for k in runs if k[0] == task}, key=_method_order)
         curves = {m: mean_curve([c for k, c in runs.items() if k[:2] == (task, m)]) for m in methods}
         main = {m: c for m, c in curves.items() if m in ("pt", "dept", "ept", "lora")} or curves
         budget, gains = plateau_budget(main)
@@ -311,7 +317,8 @@ def analyse(points: list[dict], budgets: dict[str, int] | None = None) -> dict:
             budget, gains = budgets[task], {m: last_quarter_gain(c, budgets[task]) for m, c in main.items()}
         results = {m: {k[2]: at_budget(c, budget) for k, c in runs.items() if k[:2] == (task, m)} for m in methods}
         results = {m: {s: r for s, r in rs.items() if r is not None} for m, rs in results.items()}
-        out["tasks"][task] = {"budget": budget, "gains": gains, "results": results, "curves": curves}
+        out["tasks"][task] = {"budget": budget, "gains": gains, "results": results, "curves": curves,
+                              "runs": {m: [c for k, c in runs.items() if k[:2] == (task, m)] for m in methods}}
     for a, b in PAIRS:
         per_task, per_seed = {}, {}
         for task, t in out["tasks"].items():
@@ -343,7 +350,9 @@ def report(opts) -> str:
              f"three evaluations up to B is less than {PLATEAU_GAIN} point above the same mean at 0.75 B. "
              f"Each run's result at B is the test score of its best validation step up to B.", ""]
     for task, t in analysis["tasks"].items():
-        lines += [f"### {task}: budget {t['budget']} steps", ""]
+        flat = [m for m, g in t["gains"].items() if g is None or g >= PLATEAU_GAIN]
+        verdict = f" (not flat: {', '.join(flat)})" if flat else " (every method flat)"
+        lines += [f"### {task}: budget {t['budget']} steps{verdict}", ""]
         lines += ["| method | seeds | validation at B | test at B | last-quarter gain | train s to B |",
                   "|---|---:|---:|---:|---:|---:|"]
         for method, res in t["results"].items():
@@ -394,12 +403,9 @@ def _plots(analysis: dict, out_dir: Path) -> None:
         for method, curve in t["curves"].items():
             if method.startswith("ept_"):
                 continue
-            steps = [s for s, _ in curve]
-            ax.plot(steps, [v for _, v in curve], marker=".", label=method)
-            runs = [r for r in t["results"].get(method, {})]
-            if len(runs) > 1:
-                lows, highs = _band(analysis, task, method)
-                ax.fill_between(steps[:len(lows)], lows, highs, alpha=0.15)
+            line, = ax.plot([s for s, _ in curve], [v for _, v in curve], marker=".", label=method)
+            if len(t["runs"][method]) > 1:
+                ax.fill_between(*_band(t["runs"][method]), color=line.get_color(), alpha=0.15)
         ax.axvline(t["budget"], color="gray", linestyle="--", linewidth=1)
         ax.set_title(f"{task}: budget {t['budget']} (last quarter adds < {PLATEAU_GAIN})", fontsize=9)
         ax.set_xlabel("step")
@@ -412,8 +418,9 @@ def _plots(analysis: dict, out_dir: Path) -> None:
     # 2. accuracy against training time: each budget's test score (best validation step so far), mean over seeds
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        for method, xs, ys in _time_curves(analysis, task):
-            ax.plot(xs, ys, marker=".", label=method)
+        for method, runs in analysis["tasks"][task]["runs"].items():
+            if not method.startswith("ept_"):
+                ax.plot(*_time_curve(runs), marker=".", label=method)
         ax.set_title(task)
         ax.set_xscale("log")
         ax.set_xlabel("training seconds (1 thread, CPU)")
@@ -425,19 +432,27 @@ def _plots(analysis: dict, out_dir: Path) -> None:
     plt.close(fig)
 
 
-def _band(analysis, task, method):
-    runs = analysis["tasks"][task]["_runs"][method] if "_runs" in analysis["tasks"][task] else None
-    return ([], []) if runs is None else runs
+def _band(runs: list[list[dict]]) -> tuple[list[int], list[float], list[float]]:
+    """Steps every run reached, with the lowest and highest validation score over the runs there."""
+    steps = sorted(set.intersection(*({p["step"] for p in c} for c in runs)))
+    values = [[next(p["validation"] for p in c if p["step"] == step) for c in runs] for step in steps]
+    return steps, [min(v) for v in values], [max(v) for v in values]
 
 
-def _time_curves(analysis, task):
-    return []
+def _time_curve(runs: list[list[dict]]) -> tuple[list[float], list[float]]:
+    """Each budget every run reached: mean training seconds to it, and the mean test score a run of that
+    budget reports (its best validation step's)."""
+    steps = sorted(set.intersection(*({p["step"] for p in c} for c in runs)))
+    results = [[at_budget(c, step) for c in runs] for step in steps]
+    return ([statistics.mean(r["train_seconds"] for r in rs) for rs in results],
+            [statistics.mean(r["test"] for r in rs) for rs in results])
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=("run", "collect", "report"))
-    parser.add_argument("--phase", choices=tuple(PHASES), default="pilot")
+    parser.add_argument("--phase", choices=(*PHASES, "all"), default="pilot",
+                        help="'all': every phase's runs at --steps (the GPU study: every budget is read off them).")
     parser.add_argument("--steps", type=int, default=800, help="Steps per run (the longest budget read off it).")
     parser.add_argument("--eval-steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -451,7 +466,11 @@ def main(argv=None) -> None:
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("EPTKIT_DATA_DIR", ROOT.parent / "shared" / "data")))
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "plateau")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
-    opts = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> None:
+    opts = build_parser().parse_args(argv)
     if opts.action == "run":
         run(opts)
     elif opts.action == "collect":
