@@ -38,7 +38,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from accuracy import METHOD_ARGS, lr_key, selected_lrs
+from accuracy_grid import METHOD_ARGS, selected_lrs
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -2,6 +2,7 @@
 
 import csv
 import runpy
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,9 @@ from eptkit.cli import build_parser
 DATA = data_dir()
 needs_data = pytest.mark.skipif(not (DATA / "superglue" / "CB" / "train.jsonl").is_file(), reason="no data folder")
 
-HARNESS = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"))
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))  # accuracy.py imports its neighbours (accuracy_grid, accuracy_report), as when run
+HARNESS = runpy.run_path(str(BENCH / "accuracy.py"))
 
 
 def _write(path, rows):
