@@ -1,7 +1,7 @@
 """Many trained adapters on one frozen backbone, answering mixed batches: what `eptkit serve` holds.
 
 The pool owns one `PromptedModel` and adds or drops named adapters on it at run time. Rows for different
-adapters share forward passes (`eptkit.mixed`; rows of similar length together,
+adapters share forward passes (`eptkit.forward`; rows of similar length together,
 `eptkit.batching.length_groups`): every row goes through its own adapter and comes back as `eptkit predict`
 writes it (label name, score, or None).
 
@@ -24,7 +24,7 @@ from .backbones import load_backbone, resolve_model_path
 from .batching import length_groups
 from .config import PROMPT_METHODS
 from .evaluation import predict_mixed
-from .model import CompiledPrompt, PromptedModel, fold_adapter, load_adapter, remove_adapter
+from .model import FoldedPrompt, PromptedModel, fold_adapter, load_adapter, remove_adapter
 from .runs import encode_input_rows, prediction_label, read_trained
 from .tasks.errors import DataError
 from .tasks.loading import check_columns
@@ -98,7 +98,7 @@ class AdapterPool:
             fold_adapter(self.model, name)
         # Runs record the text length they trained with; else the method's own, else TrainConfig's default.
         max_length = trained.run.get("max_length") or getattr(config, "max_length", None) or 256
-        compiled = isinstance(self.model.adapters[name], CompiledPrompt)  # folded here, or saved compiled
+        compiled = isinstance(self.model.adapters[name], FoldedPrompt)  # folded here, or saved compiled
         self.adapters[name] = ServedAdapter(name, Path(directory), trained.spec, method or config.method, parameters,
                                             int(max_length), compiled)
         return self.adapters[name]

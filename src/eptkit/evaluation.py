@@ -69,7 +69,7 @@ def predict_rows(model, tokenizer, spec, rows: list[dict], *, batch_size: int = 
 @torch.no_grad()
 def predict_mixed(model, tokenizer, rows: list[dict], specs: list, adapter_names: list[str]) -> list:
     """Predictions for one batch of encoded rows, row i of task specs[i] through adapter adapter_names[i] (a
-    mixed batch, `eptkit.mixed`): what `predict_rows` gives each row with its own adapter alone. A text-to-text
+    mixed batch, `eptkit.forward`): what `predict_rows` gives each row with its own adapter alone. A text-to-text
     row's generated tokens are cut to its own task's budget, so a longer budget of another task changes nothing."""
     budgets = {spec: _label_budget(spec, tokenizer) for spec in set(specs)}
     device = next(model.parameters()).device
