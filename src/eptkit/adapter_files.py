@@ -26,7 +26,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .backbones import backbone_facts, check_positions
-from .config import CONFIG_CLASSES, DePTConfig, PromptTuningConfig
+from .config import DePTConfig, PromptTuningConfig
+from .registry import config_classes
 from .files import atomic_save_safetensors, atomic_write_json, sha256_file
 from .task_types import PEFT_TASK_TYPES, detect_task_type
 from .version import __version__
@@ -120,7 +121,7 @@ def read_adapter(directory, backbone: nn.Module) -> AdapterFiles:
             f"{type(backbone).__name__} is a {task_type} model"
         )
     _check_backbone(saved, backbone, directory / CONFIG_NAME)
-    cls = CONFIG_CLASSES.get(saved["method"]) if isinstance(saved["method"], str) else None
+    cls = config_classes().get(saved["method"]) if isinstance(saved["method"], str) else None
     if cls is None:
         raise AdapterError(f"{directory / CONFIG_NAME}: unknown method {saved['method']!r}")
     fields = {f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved}

@@ -22,7 +22,7 @@ from pathlib import Path
 from .adapter_files import DEPT_WEIGHTS_NAME, WEIGHTS_NAME, AdapterError
 from .backbones import load_backbone, resolve_model_path
 from .batching import length_groups
-from .config import PROMPT_METHODS
+from .registry import prompt_methods
 from .evaluation import predict_mixed
 from .model import FoldedPrompt, PromptedModel, fold_adapter, load_adapter, remove_adapter
 from .runs import encode_input_rows, prediction_label, read_trained
@@ -81,7 +81,7 @@ class AdapterPool:
         method = (trained.baseline or {}).get("method") or trained.run.get("method")
         if trained.baseline is not None:
             raise AdapterError(f"{directory}: a {method!r} run changes the backbone itself and cannot share it; "
-                               f"the server serves prompt adapters ({', '.join(PROMPT_METHODS)})")
+                               f"the server serves prompt adapters ({', '.join(prompt_methods())})")
         if self.model is None:
             backbone, self.tokenizer = load_backbone(trained.model_path, trained.task_type, trained.spec,
                                                      num_labels=trained.num_labels)
