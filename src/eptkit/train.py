@@ -54,7 +54,7 @@ from .version import __version__
 
 logger = logging.getLogger("eptkit")
 
-__all__ = ["TrainConfig", "Trainer", "train"]
+__all__ = ["TrainConfig", "Trainer", "InterruptFlag", "train"]
 
 
 def _describe_run(spec, model, config: TrainConfig, extra: dict | None) -> dict:
@@ -112,7 +112,7 @@ class Trainer:
         self.truncated: dict[str, int] = {}  # split -> rows cut to the text length (results.json)
         self.encoded = encode_splits(data, self.spec, tokenizer, model, config, self.truncated)  # split -> rows
         self.run_info = _describe_run(self.spec, model, config, run_info)
-        self.loss_scale = _regression_loss_scale(self.spec, model.task_type, self._own(model), config,
+        self.loss_scale = _regression_loss_scale(self.spec, model.task_type, self.own_modules(model), config,
                                                  self.encoded["train"])
         lrs = group_lrs(model, config)
         self.run_info["lr_absolute"] = {k: float(f"{v:.4g}") for k, v in lrs.items()}
@@ -127,8 +127,9 @@ class Trainer:
         self.report = _Report(self.output_dir / LOG_NAME, self.is_main)
 
     # -------------------------------------------------------------- helpers
-    def _own(self, model):
-        """This run's trainable modules (the whole model; one adapter's in several runs per process)."""
+    def own_modules(self, model):
+        """This run's trainable modules (the whole model; one adapter's in several runs per process). A hook
+        that eptkit.multirun overrides, as it does `trainable_parameters`."""
         return model
 
     @property
@@ -182,8 +183,15 @@ class Trainer:
         return False
 
     # -------------------------------------------------------------- one step
-    def _forward_backward(self, indices: list[int], scale: float, sync: bool) -> tuple[float, int]:
-        batch = self.collate([self.encoded["train"][i] for i in indices])
+    def next_rows(self) -> list[dict]:
+        """The next micro-batch of this run's own data order, as encoded rows; advances the data position."""
+        s = self.state
+        indices = self.plan.rows(s.epoch, s.batch)
+        s.epoch, s.batch = self.plan.advance(s.epoch, s.batch)
+        return [self.encoded["train"][i] for i in indices]
+
+    def _forward_backward(self, rows: list[dict], scale: float, sync: bool) -> tuple[float, int]:
+        batch = self.collate(rows)
         inputs = {k: v.to(self.accelerator.device) for k, v in batch.items() if k in MODEL_INPUT_KEYS}
         # Gradients are all-reduced between processes only on the last micro-batch of a step.
         with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model):
@@ -192,16 +200,16 @@ class Trainer:
             self.accelerator.backward(loss * scale)
         return float(loss.detach()), int(batch["attention_mask"].sum())
 
-    def _trainable_parameters(self):
+    def trainable_parameters(self):
         """What gradient clipping measures (eptkit.multirun: one run's adapter of a shared model)."""
         return self.model.parameters()
 
-    def _optimizer_step(self) -> tuple[float | None, dict[str, float]]:
+    def update(self) -> tuple[float | None, dict[str, float]]:
         """Clip the gradient, update the weights, advance the schedule; return (grad norm, the rates used)."""
         cfg, acc = self.config, self.accelerator
         grad_norm = None
         if cfg.max_grad_norm > 0:
-            grad_norm = acc.clip_grad_norm_(self._trainable_parameters(), cfg.max_grad_norm)
+            grad_norm = acc.clip_grad_norm_(self.trainable_parameters(), cfg.max_grad_norm)
             grad_norm = float(grad_norm) if grad_norm is not None else None
         lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
         self._updating = True  # a hard interrupt from here on may leave the weights half-updated
@@ -215,15 +223,15 @@ class Trainer:
         self._rng_after_step = rng_state()
         return grad_norm, lrs
 
-    def _after_step(self, t0: float, losses: list[float], tokens: int, grad_norm, lrs) -> bool:
-        """Bookkeeping after an update: log, evaluate, checkpoint, callbacks. Returns True to stop early."""
+    def end_step(self, dt: float, losses: list[float], tokens: int, grad_norm, lrs) -> bool:
+        """Bookkeeping after an update that took `dt` seconds (its micro-batches' `losses`, `tokens` real
+        tokens): log, evaluate, keep the best adapter, checkpoint, callbacks. Returns True to stop early."""
         cfg, acc, s = self.config, self.accelerator, self.state
         loss = sum(losses) / len(losses)
         if acc.num_processes > 1:
             stats = acc.reduce(torch.tensor([loss, float(tokens)], device=acc.device), "sum")
             loss, tokens = float(stats[0]) / acc.num_processes, int(stats[1])
         s.tokens_seen += tokens
-        dt = time.perf_counter() - t0
         s.train_time += dt
         s.step_times.append(dt)
         record = {"step": s.step, "epoch": s.epoch, "loss": loss, "lr": lrs, "grad_norm": grad_norm,
@@ -257,61 +265,73 @@ class Trainer:
         return stop
 
     # -------------------------------------------------------------- the loop
-    def run(self) -> dict:
-        cfg, s = self.config, self.state
-        resume_from = prepare_output_dir(self.output_dir, self.config, self.run_info, self.accelerator)
+    # The public seam: begin(), then step() (or next_rows / update / end_step, for a loop that runs the
+    # forward and backward itself, as eptkit.multirun does) until done, finish(); interrupted() on Ctrl-C.
+    label = ""  # prefixes this run's messages (several runs in one process)
+
+    @property
+    def done(self) -> bool:
+        return self.state.step >= self.config.max_steps
+
+    def begin(self) -> None:
+        """Before the first step: the output directory, resume from its newest checkpoint, Ctrl-C bookkeeping."""
+        cfg = self.config
+        resume_from = prepare_output_dir(self.output_dir, cfg, self.run_info, self.accelerator)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
-            s = self.state
-            self.report.print(f"resumed from {resume_from} (step {s.step})")
+            self.report.print(f"{self.label}resumed from {resume_from} (step {self.state.step})")
         elif cfg.resume:
-            self.report.print(f"--resume: no checkpoint in {self.output_dir / 'checkpoints'}; starting a fresh run")
-        self.report.open_bar(cfg.max_steps, s.step)
-        self._rng_after_step, self._position_after_step = rng_state(), (s.epoch, s.batch)
+            self.report.print(f"{self.label}--resume: no checkpoint in {self.output_dir / 'checkpoints'}; "
+                              "starting a fresh run")
+        self._rng_after_step, self._position_after_step = rng_state(), (self.state.epoch, self.state.batch)
         self._updating = False
+
+    def step(self) -> bool:
+        """One optimizer step: forward and backward over its micro-batches (the gradients accumulate),
+        update, bookkeeping. Returns True to stop early."""
+        t0 = time.perf_counter()
+        losses, tokens = [], 0
+        n_micro = self.config.gradient_accumulation_steps
+        for micro in range(n_micro):
+            loss, n_tokens = self._forward_backward(self.next_rows(), 1.0 / n_micro, sync=micro == n_micro - 1)
+            losses.append(loss)
+            tokens += n_tokens
+        grad_norm, lrs = self.update()
+        return self.end_step(time.perf_counter() - t0, losses, tokens, grad_norm, lrs)
+
+    def run(self) -> dict:
+        self.begin()
+        self.report.open_bar(self.config.max_steps, self.state.step)
         stopped_early = False
         self.model.train()
         try:
-            with _StopFlag() as stop:
-                while s.step < cfg.max_steps and not stopped_early:
+            with InterruptFlag() as stop:
+                while not self.done and not stopped_early:
                     # every process stops at the same step boundary after a Ctrl-C
                     if self._stop_requested(stop):
                         raise KeyboardInterrupt
-                    # forward and backward over the step's micro-batches; the gradients accumulate
-                    t0 = time.perf_counter()
-                    losses, tokens = [], 0
-                    n_micro = cfg.gradient_accumulation_steps
-                    for micro in range(n_micro):
-                        indices = self.plan.rows(s.epoch, s.batch)
-                        loss, n_tokens = self._forward_backward(indices, 1.0 / n_micro, sync=micro == n_micro - 1)
-                        losses.append(loss)
-                        tokens += n_tokens
-                        s.epoch, s.batch = self.plan.advance(s.epoch, s.batch)
-                    # clip, update the weights, advance the learning-rate schedule
-                    grad_norm, lrs = self._optimizer_step()
-                    # log, evaluate and keep the best adapter, checkpoint, callbacks
-                    stopped_early = self._after_step(t0, losses, tokens, grad_norm, lrs)
+                    stopped_early = self.step()
         except KeyboardInterrupt:
-            self._on_interrupt()
+            self.interrupted()
             raise
         self.report.close_bar()
-        return self._finish(stopped_early)
+        return self.finish(stopped_early)
 
-    def _on_interrupt(self) -> None:
+    def interrupted(self) -> None:
         """Ctrl-C: checkpoint the end of the last complete step, unless the interrupt hit the update."""
         self.report.close_bar()
         if self._updating:  # a hard interrupt inside the weight update: the weights may be half-updated
-            self.report.print(f"interrupted during the update of step {self.state.step + 1}; no checkpoint written, "
-                        "--resume continues from the last periodic one")
+            self.report.print(f"{self.label}interrupted during the update of step {self.state.step + 1}; no "
+                              "checkpoint written, --resume continues from the last periodic one")
             return
         # A hard interrupt between micro-batches: forget their data position and gradients.
         self.state.epoch, self.state.batch = self._position_after_step
         self.optimizer.zero_grad(set_to_none=True)
         path = self.save_checkpoint(self._rng_after_step)
-        self.report.print(f"interrupted at step {self.state.step}; checkpoint written to {path}; "
-                    "continue with --resume (resume=True)")
+        self.report.print(f"{self.label}interrupted at step {self.state.step}; checkpoint written to {path}; "
+                          "continue with --resume (resume=True)")
 
-    def _stop_requested(self, stop: _StopFlag) -> bool:
+    def _stop_requested(self, stop: InterruptFlag) -> bool:
         flag = stop.requested
         if self.accelerator.num_processes > 1:  # every process must stop at the same step
             t = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
@@ -319,7 +339,7 @@ class Trainer:
         return flag
 
     # -------------------------------------------------------------- before and after
-    def _finish(self, stopped_early: bool) -> dict:
+    def finish(self, stopped_early: bool = False) -> dict:
         """Restore and save the best adapter, score it on the test split, write results.json."""
         acc, s, model = self.accelerator, self.state, self.unwrapped
         if self.best_state is not None:
@@ -402,7 +422,7 @@ class _Report:
                 f.write(json.dumps(record) + "\n")
 
 
-class _StopFlag:
+class InterruptFlag:
     """First SIGINT: stop cleanly at the end of the step. Second: KeyboardInterrupt at once."""
 
     def __init__(self):
