@@ -25,7 +25,8 @@ from .batching import length_groups
 from .registry import prompt_methods
 from .evaluation import predict_mixed
 from .model import FoldedPrompt, PromptedModel, fold_adapter, load_adapter, remove_adapter
-from .runs import encode_input_rows, prediction_label, read_trained
+from .runs import read_trained
+from .tasks.formatting import encode_input_rows, prediction_label
 from .tasks.errors import DataError
 from .tasks.loading import check_columns
 from .tasks.registry import TaskSpec
@@ -76,7 +77,7 @@ class AdapterPool:
         if pickled.is_file() and not (Path(directory) / WEIGHTS_NAME).is_file():
             # Even weights-only unpickling is more than a server that loads adapters on request should run.
             raise AdapterError(f"{pickled}: a DePT checkpoint is a pickle and the server reads safetensors only; "
-                               "convert it first (eptkit export --format compiled)")
+                               "convert it first (eptkit export --format folded)")
         trained = read_trained(directory, model=self.override)
         method = (trained.baseline or {}).get("method") or trained.run.get("method")
         if trained.baseline is not None:
@@ -98,7 +99,7 @@ class AdapterPool:
             fold_adapter(self.model, name)
         # Runs record the text length they trained with; else the method's own, else TrainConfig's default.
         max_length = trained.run.get("max_length") or getattr(config, "max_length", None) or 256
-        compiled = isinstance(self.model.adapters[name], FoldedPrompt)  # folded here, or saved compiled
+        compiled = isinstance(self.model.adapters[name], FoldedPrompt)  # folded here, or saved folded
         self.adapters[name] = ServedAdapter(name, Path(directory), trained.spec, method or config.method, parameters,
                                             int(max_length), compiled)
         return self.adapters[name]

@@ -3,7 +3,7 @@
     eptkit train    --task cb --method ept --data-dir ../shared/data --output-dir runs/cb-ept
     eptkit evaluate --adapter runs/cb-ept [--task cb] [--split test]
     eptkit predict  --adapter runs/cb-ept --input rows.jsonl --output predictions.jsonl
-    eptkit export   --adapter runs/cb-ept --format compiled|peft --output out/
+    eptkit export   --adapter runs/cb-ept --format folded|peft --output out/
     eptkit info     --adapter runs/cb-ept [--plot gates.png]
 
 Every hyper-parameter is an option, generated from the config dataclasses (their help text is the
@@ -30,7 +30,6 @@ from typing import Any, Callable
 
 from .config import TrainConfig
 from .options import UsageError, add_dataclass_arguments, add_method_arguments, build_configs, load_data
-from .options import flag as _opt
 from .options import method_settings, resolve, run_info
 from .registry import method_names, prompt_methods
 from .task_types import TASK_TYPES
@@ -210,11 +209,12 @@ def predict_command(args) -> int:
 
 
 # ============================================================================ export
-@register_command("export", "write a trained adapter as a compiled adapter or in PEFT's format")
+@register_command("export", "write a trained adapter as a folded adapter or in PEFT's format")
 def _export_parser(parser):
     parser.add_argument("--adapter", required=True, help="Output dir of `eptkit train`, or an adapter dir.")
-    parser.add_argument("--format", required=True, choices=("compiled", "peft"),
-                        help="compiled: EPT/DePT prompt side folded into constant tensors (eptkit format); "
+    parser.add_argument("--format", required=True, choices=("folded", "peft", "compiled"),
+                        help="folded: EPT/DePT prompt side folded into constant tensors (eptkit format; "
+                             "'compiled' is its older name); "
                              "peft: PEFT prompt-tuning format (PT adapters with pooling 'backbone' only).")
     parser.add_argument("--output", required=True, help="Directory to write.")
     parser.add_argument("--model", help="Backbone path or Hub id (default: the one recorded with the adapter).")
@@ -226,7 +226,8 @@ def export_command(args) -> int:
     from .registry import saved_by_peft
     from .files import atomic_copy
     from .model import export_peft, save_adapter
-    from .runs import RUN_INFO_NAME, load_trained
+    from .run_files import RUN_INFO_NAME
+    from .runs import load_trained
 
     baseline = read_baseline_info(args.adapter) if Path(args.adapter).is_dir() else None
     out = Path(args.output)
@@ -248,7 +249,7 @@ def export_command(args) -> int:
         except ValueError as e:
             raise UsageError(f"{args.adapter}: {e}") from None
     else:
-        save_adapter(model, out, compiled=True)
+        save_adapter(model, out, folded=True)
         run_file = Path(args.adapter) / RUN_INFO_NAME
         if run_file.is_file():
             atomic_copy(run_file, out / RUN_INFO_NAME)
@@ -281,7 +282,7 @@ def info_command(args) -> int:
     gates = info.get("gate_weights")
     if args.plot:
         if gates is None:
-            raise UsageError(f"{args.adapter}: --plot needs an uncompiled EPT adapter with multi-space projection")
+            raise UsageError(f"{args.adapter}: --plot needs an unfolded EPT adapter with multi-space projection")
         plot_gate_weights(gates, args.plot, title=f"EPT gate weights ({info['adapter']})")
     print(json.dumps(info, indent=2) if args.json else "\n".join(adapter_info_lines(info)))
     if args.plot and not args.json:

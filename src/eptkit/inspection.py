@@ -17,12 +17,12 @@ from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, AdapterError, read_json, r
 from .registry import config_classes, saved_by_peft
 from .methods import build_method
 from .baselines import FULL_WEIGHTS_NAME, read_baseline_info
-from .runs import read_run_info
+from .run_files import read_run_info
 from .tasks.registry import get_task
 
 
 def adapter_info(adapter_dir) -> dict:
-    """Method, backbone facts, tensors and config of an adapter directory; for an uncompiled EPT
+    """Method, backbone facts, tensors and config of an adapter directory; for an unfolded EPT
     adapter with multi-space projection also the subspace weights each prompt token learned."""
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
@@ -70,7 +70,7 @@ def _baseline_info(adapter_dir: Path, saved: dict) -> dict:
 def adapter_info_lines(info: dict) -> list[str]:
     """`eptkit info --adapter` as text."""
     lines = [f"adapter      {info['adapter']}",
-             f"method       {info['method']}{' (compiled)' if info['compiled'] else ''}",
+             f"method       {info['method']}{' (folded)' if info['compiled'] else ''}",
              f"backbone     {info['backbone']} ({info['task_type']}, hidden size {info['hidden_size']})"]
     if info["run"]:
         lines.append(f"task         {info['run'].get('task')}")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from typing import Any
 
 import torch
@@ -154,8 +155,14 @@ class PromptedModel(AdapterStateMixin, nn.Module):
         return getattr(self.config, "max_length", None)
 
     @property
-    def is_compiled(self) -> bool:
+    def is_folded(self) -> bool:
+        """Whether the active adapter's prompt side is folded into constants (`fold_prompt`)."""
         return isinstance(self.method, FoldedPrompt)
+
+    @property
+    def is_compiled(self) -> bool:
+        """The older name of `is_folded`."""
+        return self.is_folded
 
     @property
     def pooling(self) -> str | None:
@@ -223,13 +230,12 @@ class PromptedModel(AdapterStateMixin, nn.Module):
             raise TypeError("generate: a sequence classifier does not generate; call the model for logits")
         return prompted_generate(self, adapter_names, input_ids, attention_mask, **kwargs)
 
-    # ------------------------------------------------------------------ compile / save / load
+    # ------------------------------------------------------------------ fold / save / load
     @torch.no_grad()
     def fold_prompt(self) -> "PromptedModel":
         """An inference-only model (sharing this backbone and head) whose prompt and offset are
         constant tensors: EPT's fusion and projection cost nothing per step. This is what a
-        "compiled" adapter holds; the result has `is_compiled` True. Nothing is compiled in
-        torch's sense and this model is left as it was."""
+        folded adapter file holds; the result has `is_folded` True. This model is left as it was."""
         prompt, offset = self.prompt_and_offset()
         name = self.active_adapter
         folded = PromptedModel(self.backbone, self.config, adapter_name=name, method=FoldedPrompt(prompt, offset))
@@ -241,6 +247,8 @@ class PromptedModel(AdapterStateMixin, nn.Module):
     def compile(self) -> "PromptedModel":  # type: ignore[override]
         """Deprecated name of `fold_prompt()`, kept working for existing code. Unlike torch's
         `nn.Module.compile` it compiles nothing in place; for that, call `torch.compile(model)`."""
+        warnings.warn("PromptedModel.compile() is deprecated: call fold_prompt() (torch.compile(model) compiles)",
+                      DeprecationWarning, stacklevel=2)
         return self.fold_prompt()
 
     def save_pretrained(self, directory, **kwargs) -> None:
@@ -259,19 +267,21 @@ def get_prompted_model(model: nn.Module, config: PromptTuningConfig, *, tokenize
 
 
 # ---------------------------------------------------------------------------- adapters on disk
-def save_adapter(model: PromptedModel, directory, *, compiled: bool | None = None):
-    """Save the active adapter of `model` to `directory` (created if needed); compiled=True folds
-    the prompt side into constants first (`fold_prompt`)."""
-    compiled = model.is_compiled if compiled is None else compiled
+def save_adapter(model: PromptedModel, directory, *, folded: bool | None = None, compiled: bool | None = None):
+    """Save the active adapter of `model` to `directory` (created if needed); folded=True folds the
+    prompt side into constants first (`fold_prompt`). `compiled` is the older name of `folded`. The
+    file marks a folded adapter "compiled": true (the format's key, read by every eptkit version)."""
+    folded = compiled if folded is None else folded
+    folded = model.is_folded if folded is None else folded
     state = model.adapter_state_dict()
-    if compiled and not model.is_compiled:
+    if folded and not model.is_folded:
         state = model.fold_prompt().adapter_state_dict()
     config = {
         **model.config.to_dict(),
         **backbone_facts(model.backbone),
         "task_type": model.task_type,
         "head_name": model.head_name,
-        "compiled": bool(compiled),
+        "compiled": bool(folded),
     }
     return write_adapter(directory, config, state)
 
@@ -284,7 +294,7 @@ def load_adapter(model: nn.Module, directory, *, adapter_name: str = "default") 
     mixed batches (`model(..., adapter_names=[...])`)."""
     existing = model if isinstance(model, PromptedModel) else None
     files = read_adapter(directory, model.backbone if existing is not None else model)
-    if files.compiled:
+    if files.folded:
         method, build = FoldedPrompt(files.tensors["prompt_embeddings"], files.tensors.get("offset")), files.config
     else:
         # Random init is overwritten by the load; skip text init so no tokenizer is needed.
@@ -306,7 +316,7 @@ def load_adapter(model: nn.Module, directory, *, adapter_name: str = "default") 
             remove_adapter(prompted, adapter_name)
         raise AdapterError(f"{files.weights_path}: {e}") from None
     prompted.set_adapter(active)
-    return prompted.eval() if files.compiled and existing is None else prompted
+    return prompted.eval() if files.folded and existing is None else prompted
 
 
 def remove_adapter(model: PromptedModel, name: str) -> None:
@@ -339,7 +349,7 @@ def export_peft(model: PromptedModel, directory):
     """Write the active PT adapter in PEFT's prompt-tuning format (loadable by `PeftModel.from_pretrained`)."""
     if model.config.method != "pt":
         raise ValueError(f"export to PEFT: only prompt tuning ('pt') has a PEFT equivalent, not "
-                         f"{model.config.method!r}; use the compiled format (eptkit export --format compiled)")
+                         f"{model.config.method!r}; use the folded format (eptkit export --format folded)")
     # PEFT's classifiers read the backbone's own head (pooling='backbone') with the text after the prompt.
     peft_layout = {"pooling": "backbone", "text_positions": "after_prompt"}
     used = {"pooling": model.pooling, "text_positions": model.config.text_positions}
@@ -349,7 +359,7 @@ def export_peft(model: PromptedModel, directory):
             "export to PEFT: this adapter uses " + ", ".join(f"{k}={used[k]!r}" for k in differ)
             + "; PEFT only reproduces " + " and ".join(f"{k}={peft_layout[k]!r}" for k in differ)
             + ". Train with `--method pt " + " ".join(f"--{k.replace('_', '-')} {peft_layout[k]}" for k in differ)
-            + "` for a PEFT-exportable adapter, or export --format compiled")
+            + "` for a PEFT-exportable adapter, or export --format folded")
     state = model.adapter_state_dict()
     prompt = state.pop("prompt_embeddings")
     return write_peft_prompt_tuning(directory, prompt, state, task_type=model.task_type, backbone=model.backbone,

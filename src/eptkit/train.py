@@ -18,7 +18,7 @@ The parts live in their own modules, in the order the loop uses them:
 - evaluation (`eptkit.evaluation`) every `eval_steps` and at the last step on the validation split;
   the best adapter is kept (and written to output_dir when it improves); optional early stopping;
   at the end the best adapter is evaluated on the test split.
-- files (main process only; `eptkit.runs` names them): the best adapter, eptkit_run.json, log.jsonl
+- files (main process only; `eptkit.run_files` names them): the best adapter, eptkit_run.json, log.jsonl
   (one line per optimizer step), results.json, and checkpoints (`eptkit.checkpoint`).
 - resume (`resume=True`) continues from the newest checkpoint; the result equals an uninterrupted
   run with the same seed. Ctrl-C (SIGINT) stops at the end of the current step, writes a checkpoint
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -44,13 +43,13 @@ from .batching import BatchPlan, encode_splits, text_max_length
 from .checkpoint import RunState, load_checkpoint, rng_state, save_checkpoint
 from .config import TrainConfig
 from .evaluation import evaluate_rows, main_metric
-from .files import atomic_write_json, atomic_write_lines, round_floats
+from .files import atomic_write_json
+from .reporting import Report, peak_memory_mb, run_results
 from .optim import group_lrs, make_optimizer, make_scheduler, standardize_regression
-from .runs import LOG_NAME, RESULTS_NAME, prepare_output_dir
+from .run_files import LOG_NAME, RESULTS_NAME, prepare_output_dir, trim_log
 from .tasks.formatting import MODEL_INPUT_KEYS, Collator
 from .tasks.registry import get_task
 from .trainable import TrainableModel
-from .version import __version__
 
 logger = logging.getLogger("eptkit")
 
@@ -86,19 +85,13 @@ class Trainer:
 
     def __init__(self, model: TrainableModel, tokenizer, task, data, config: TrainConfig, *, run_info: dict | None = None,
                  callbacks: list[Callable[[dict], None]] | None = None, accelerator=None):
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         self.config = config
         self.spec = get_task(task)
         self.tokenizer = tokenizer
         self.callbacks = list(callbacks or [])
-        if accelerator is None:
-            # Several processes on a machine without a GPU (torchrun / `accelerate launch --multi_gpu`):
-            # accelerate only picks its multi-CPU (gloo) mode when told cpu=True.
-            cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-            accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=cpu)
-        self.accelerator = acc = accelerator
+        self.accelerator = acc = accelerator or _accelerator(config)
         self.is_main = acc.is_main_process
         if not self.is_main:  # one copy of the data warnings, not one per process
             logger.setLevel(logging.ERROR)
@@ -124,7 +117,7 @@ class Trainer:
         self.collate = Collator(tokenizer, model.task_type)
         self.state = RunState()  # saved and restored with every checkpoint
         self.best_state: dict[str, torch.Tensor] | None = None  # the best adapter's tensors (CPU)
-        self.report = _Report(self.output_dir / LOG_NAME, self.is_main)
+        self.report = Report(self.output_dir / LOG_NAME, self.is_main)
 
     # -------------------------------------------------------------- helpers
     def own_modules(self, model):
@@ -139,7 +132,7 @@ class Trainer:
     def _cpu_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.unwrapped.adapter_state_dict().items()}
 
-    def _checkpoint_meta(self) -> dict:
+    def checkpoint_meta(self) -> dict:
         config = self.unwrapped.method_config
         return {"config": self.config.to_dict(), "method_config": config.to_dict() if config is not None else None,
                 "method": self.run_info["method"]}
@@ -150,18 +143,14 @@ class Trainer:
         return save_checkpoint(self.output_dir, self.state, accelerator=self.accelerator,
                                trainable=self._cpu_state() if self.is_main else None, best=self.best_state,
                                optimizer=self.optimizer, scheduler=self.scheduler, rng=rng,
-                               meta=self._checkpoint_meta(), keep=self.config.save_total_limit)
+                               meta=self.checkpoint_meta(), keep=self.config.save_total_limit)
 
     def load_checkpoint(self, directory: Path) -> None:
         self.state, self.best_state = load_checkpoint(
-            directory, accelerator=self.accelerator, config=self.config, meta=self._checkpoint_meta(),
+            directory, accelerator=self.accelerator, config=self.config, meta=self.checkpoint_meta(),
             model=self.unwrapped, optimizer=self.optimizer, scheduler=self.scheduler)
-        if self.is_main:  # drop log lines of steps after the checkpoint (they will be redone)
-            log = self.output_dir / LOG_NAME
-            if log.is_file():
-                kept = [ln for ln in log.read_text().splitlines() if ln.strip() and
-                        json.loads(ln).get("step", 0) <= self.state.step]
-                atomic_write_lines(log, kept)
+        if self.is_main:  # steps after the checkpoint will be redone
+            trim_log(self.output_dir, self.state.step)
 
     # -------------------------------------------------------------- evaluation
     def evaluate(self, split: str = "validation") -> dict[str, float]:
@@ -236,13 +225,8 @@ class Trainer:
         s.step_times.append(dt)
         record = {"step": s.step, "epoch": s.epoch, "loss": loss, "lr": lrs, "grad_norm": grad_norm,
                   "step_time_s": dt, "tokens_per_s": tokens / dt if dt else None,
-                  "peak_memory_mb": _peak_memory_mb(acc.device)}
-        if self.report.bar is not None:
-            self.report.bar.update(1)
-            self.report.bar.set_postfix(loss=f"{loss:.4f}")
-        elif s.step % (cfg.logging_steps or max(1, cfg.max_steps // 20)) == 0 or s.step == cfg.max_steps:
-            self.report.print(f"step {s.step}/{cfg.max_steps}  loss {loss:.4f}  "
-                        f"lr {' '.join(f'{k}={v:.2e}' for k, v in lrs.items())}  {dt:.3f} s/step")
+                  "peak_memory_mb": peak_memory_mb(acc.device)}
+        self.report.progress(s.step, cfg, loss, lrs, dt)
         stop = False
         has_validation = len(self.encoded.get("validation", [])) > 0
         if has_validation and (s.step == cfg.max_steps or (cfg.eval_steps and s.step % cfg.eval_steps == 0)):
@@ -308,7 +292,7 @@ class Trainer:
             with InterruptFlag() as stop:
                 while not self.done and not stopped_early:
                     # every process stops at the same step boundary after a Ctrl-C
-                    if self._stop_requested(stop):
+                    if _anywhere(stop.requested, self.accelerator):
                         raise KeyboardInterrupt
                     stopped_early = self.step()
         except KeyboardInterrupt:
@@ -331,13 +315,6 @@ class Trainer:
         self.report.print(f"{self.label}interrupted at step {self.state.step}; checkpoint written to {path}; "
                           "continue with --resume (resume=True)")
 
-    def _stop_requested(self, stop: InterruptFlag) -> bool:
-        flag = stop.requested
-        if self.accelerator.num_processes > 1:  # every process must stop at the same step
-            t = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
-            flag = bool(self.accelerator.reduce(t, "sum").item() > 0)
-        return flag
-
     # -------------------------------------------------------------- before and after
     def finish(self, stopped_early: bool = False) -> dict:
         """Restore and save the best adapter, score it on the test split, write results.json."""
@@ -352,74 +329,11 @@ class Trainer:
             test_metrics = self.evaluate("test")
             self.report.print(f"test ({self.spec.name}, best step {s.best_step}): "
                         + ", ".join(f"{k} {v:.2f}" for k, v in test_metrics.items()))
-        results = _results(self, stopped_early, test_metrics)
+        results = run_results(self, stopped_early, test_metrics)
         if self.is_main:
             atomic_write_json(self.output_dir / RESULTS_NAME, results)
         acc.wait_for_everyone()
         return results
-
-
-def _results(trainer: Trainer, stopped_early: bool, test_metrics: dict | None) -> dict:
-    """The summary of a finished run (results.json)."""
-    acc, s, model, spec = trainer.accelerator, trainer.state, trainer.unwrapped, trainer.spec
-    n_steps = len(s.step_times)
-    results = {
-        "task": spec.name,
-        "method": trainer.run_info["method"],
-        "task_type": model.task_type,
-        "steps": s.step,
-        "stopped_early": stopped_early,
-        "best_step": s.best_step,
-        "validation": s.best_metrics,
-        "test": test_metrics,
-        "main_metric": spec.main_metric,
-        "trainable_params": int(model.num_parameters(trainable_only=True)),
-        "total_params": int(model.num_parameters(trainable_only=False)),
-        "train_time_s": s.train_time,
-        "mean_step_time_s": (sum(s.step_times) / n_steps) if n_steps else None,
-        "tokens_per_s": s.tokens_seen / s.train_time if s.train_time else None,
-        "peak_memory_mb": _peak_memory_mb(acc.device),
-        "num_processes": acc.num_processes,
-        "num_threads": trainer.num_threads,
-        "device": str(acc.device),
-        "num_examples": {k: len(v) for k, v in trainer.encoded.items()},
-        "truncated": dict(trainer.truncated),
-        "config": {"train": trainer.config.to_dict(), "method": trainer._checkpoint_meta()["method_config"],
-                   "run": trainer.run_info},
-        "versions": _versions(),
-    }
-    results["trainable_percent"] = 100.0 * results["trainable_params"] / max(1, results["total_params"])
-    return round_floats(results)  # 6 decimals
-
-
-class _Report:
-    """Progress for people (a bar on a terminal, else printed lines) and log.jsonl, main process only."""
-
-    def __init__(self, log_path: Path, is_main: bool):
-        self.log_path, self.is_main, self.bar = log_path, is_main, None
-
-    def open_bar(self, total: int, initial: int) -> None:
-        if self.is_main and sys.stderr.isatty():
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
-
-    def close_bar(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-    def print(self, text: str) -> None:
-        if self.is_main:
-            if self.bar is not None:
-                self.bar.write(text, file=sys.stderr)
-            else:
-                print(text, file=sys.stderr, flush=True)
-
-    def log(self, record: dict) -> None:
-        if self.is_main:
-            with open(self.log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
 
 
 class InterruptFlag:
@@ -449,6 +363,23 @@ class InterruptFlag:
         return False
 
 
+def _accelerator(config: TrainConfig):
+    from accelerate import Accelerator
+
+    # Several processes on a machine without a GPU (torchrun / `accelerate launch --multi_gpu`):
+    # accelerate only picks its multi-CPU (gloo) mode when told cpu=True.
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=config.mixed_precision, cpu=cpu)
+
+
+def _anywhere(flag: bool, accelerator) -> bool:
+    """Whether `flag` is set in any process: every process must stop at the same step."""
+    if accelerator.num_processes > 1:
+        t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+        flag = bool(accelerator.reduce(t, "sum").item() > 0)
+    return flag
+
+
 def _fix_threads() -> int:
     """Pin the intra-op thread count, so that how work (and floating-point sums) is split among
     threads depends on that number alone, never on the machine's load (docs/reproducibility.md).
@@ -462,29 +393,6 @@ def _fix_threads() -> int:
             logger.warning("%s=%s lets the thread count follow the machine's load; runs may then differ in "
                            "their last bits (unset it for bit-identical runs)", var, os.environ[var])
     return n
-
-
-def _versions() -> dict:
-    import accelerate
-    import transformers
-
-    versions = {"eptkit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                "accelerate": accelerate.__version__, "python": sys.version.split()[0]}
-    try:
-        import peft
-
-        versions["peft"] = peft.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    return versions
-
-
-def _peak_memory_mb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def train(model: TrainableModel, tokenizer, task, data, config: TrainConfig | None = None, *, run_info: dict | None = None,
