@@ -24,8 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import speed  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+import speed  # a sibling script: its folder is on the path when a script of benchmarks/ runs
 
 SCHEMA = "eptkit-bench-decoder-speed/1"
 METHODS = ("pt", "pt_plain", "ept", "peft_pt")
@@ -208,8 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     res["note"] = a.note
     name = a.name or f"decoder_speed_{a.shape}_{torch.device(a.device).type}" + ("" if a.dtype == "fp32" else f"_{a.dtype}")
     out = Path(a.out_dir)
-    speed._atomic_write(out / f"{name}.json", json.dumps(res, indent=1) + "\n")
-    speed._atomic_write(out / f"{name}.md", to_markdown(res, a.note))
+    speed.write_text(out / f"{name}.json", json.dumps(res, indent=1) + "\n")
+    speed.write_text(out / f"{name}.md", to_markdown(res, a.note))
     print(to_markdown(res, a.note))
     return 0
 

