@@ -104,11 +104,11 @@ def run(shape: str = "small", *, device: str = "cpu", dtype: str = "fp32", batch
     for i, key in enumerate(methods):
         torch.manual_seed(seed + 1 + i)
         models[key] = build(key, base, **kw).to(dev).train()
-        optimizers[key] = torch.optim.AdamW(speed._trainable(models[key]), lr=1e-5)
+        optimizers[key] = torch.optim.AdamW(speed.trainable_parameters(models[key]), lr=1e-5)
     keys, result = list(methods), {"train": {}, "forward": {}}
 
     def train(key):
-        t = speed.train_step(models[key], optimizers[key], batch, dev, dtype, speed._Clock(dev))["total"]
+        t = speed.train_step(models[key], optimizers[key], batch, dev, dtype, speed.Clock(dev))["total"]
         log(f"train {key}: {t * 1e3:.0f} ms")
         return t
 
@@ -125,7 +125,7 @@ def run(shape: str = "small", *, device: str = "cpu", dtype: str = "fp32", batch
         for key in keys:
             times = raw[key][warmup:]
             result[phase][key] = {"times_s": times, "warmup_times_s": raw[key][:warmup], **speed.summarize(times),
-                                  "trainable_params": sum(p.numel() for p in speed._trainable(models[key]))}
+                                  "trainable_params": sum(p.numel() for p in speed.trainable_parameters(models[key]))}
     ratios = {}
     for name, num, den, phase, target in RATIOS:
         if num in result[phase] and den in result[phase]:

@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     result = {"setting": vars(a) | {"out": str(a.out)}, "machine": speed.machine_info(torch.device("cpu")),
               "dept_ms": statistics.median(times["dept"]) * 1e3, "ept_ms": statistics.median(times["ept"]) * 1e3,
               "extra_ms_median": statistics.median(extra) * 1e3,
-              "extra_ms_iqr": [speed._quantile(extra, 0.25) * 1e3, speed._quantile(extra, 0.75) * 1e3]}
+              "extra_ms_iqr": [speed.quantile(extra, 0.25) * 1e3, speed.quantile(extra, 0.75) * 1e3]}
     result["extra_fraction_of_step"] = result["extra_ms_median"] / a.step_ms
     speed.write_text(a.out, json.dumps(result, indent=1) + "\n")
     print(f"prompt side per step: DePT {result['dept_ms']:.2f} ms, EPT {result['ept_ms']:.2f} ms; EPT adds "

@@ -10,8 +10,10 @@ whose run records another backbone, or whose shapes do not fit it, is refused wi
 baselines (LoRA, full fine-tuning...), which change the backbone itself and cannot share it. `model`
 overrides the recorded backbone for every adapter, as `eptkit predict --model` does (shapes still checked).
 
-The pool is not thread-safe, by design: the server (`eptkit.serve`) calls it from one worker thread
-only, so a load or an unload never runs during a forward pass.
+Loads, unloads and forward passes run on the server's one worker thread (`eptkit.serve`), so a load or
+an unload never runs during a forward pass. The event loop only reads: `get`, `check_rows` and
+`describe` (a request's checks, GET /adapters) each take one dict lookup or one snapshot of the adapters,
+which the GIL keeps whole while the worker adds or drops one.
 """
 
 from __future__ import annotations
@@ -123,9 +125,10 @@ class AdapterPool:
         del self.adapters[name]
 
     def get(self, name) -> ServedAdapter:
-        if name not in self.adapters:
+        served = self.adapters.get(name)  # one lookup: the worker may drop `name` meanwhile
+        if served is None:
             raise UnknownAdapter(f"adapter: no adapter named {name!r} is loaded; have {sorted(self.adapters)}")
-        return self.adapters[name]
+        return served
 
     def check_rows(self, name: str, rows: list) -> None:
         """Rows (JSON objects) carrying the adapter's text fields as strings, or a DataError naming the row."""
@@ -158,4 +161,4 @@ class AdapterPool:
         return out
 
     def describe(self) -> list[dict]:
-        return [a.describe() for a in self.adapters.values()]
+        return [a.describe() for a in list(self.adapters.values())]  # a snapshot (see the module docstring)
