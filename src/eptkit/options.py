@@ -246,7 +246,10 @@ def add_dataclass_arguments(group, fields, *, suppress: bool = False, defaults: 
 
 def add_method_arguments(group) -> None:
     """The method options of `train`: every prompt method's config fields, then the baselines' own."""
-    fields = [f for name, f in method_fields().items()]
-    add_dataclass_arguments(group, fields, suppress=True, defaults=default_text, switch_off="Switch off: ")
+    def defaults(name: str) -> str:  # the method's max_length is also the text length of PT and the baselines
+        return ("For PT and the baselines: the maximum text length. " if name == "max_length" else "") + default_text(name)
+
+    add_dataclass_arguments(group, list(method_fields().values()), suppress=True, defaults=defaults,
+                            switch_off="Switch off: ")
     for name, (kind, default, text) in baseline_options().items():
         group.add_argument(flag(name), type=kind, default=argparse.SUPPRESS, help=f"{text} (default: {default})")
