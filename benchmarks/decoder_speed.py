@@ -24,8 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import speed  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+import speed  # a sibling script: its folder is on the path when a script of benchmarks/ runs
 
 SCHEMA = "eptkit-bench-decoder-speed/1"
 METHODS = ("pt", "pt_plain", "ept", "peft_pt")
@@ -105,11 +104,11 @@ def run(shape: str = "small", *, device: str = "cpu", dtype: str = "fp32", batch
     for i, key in enumerate(methods):
         torch.manual_seed(seed + 1 + i)
         models[key] = build(key, base, **kw).to(dev).train()
-        optimizers[key] = torch.optim.AdamW(speed._trainable(models[key]), lr=1e-5)
+        optimizers[key] = torch.optim.AdamW(speed.trainable_parameters(models[key]), lr=1e-5)
     keys, result = list(methods), {"train": {}, "forward": {}}
 
     def train(key):
-        t = speed.train_step(models[key], optimizers[key], batch, dev, dtype, speed._Clock(dev))["total"]
+        t = speed.train_step(models[key], optimizers[key], batch, dev, dtype, speed.Clock(dev))["total"]
         log(f"train {key}: {t * 1e3:.0f} ms")
         return t
 
@@ -126,7 +125,7 @@ def run(shape: str = "small", *, device: str = "cpu", dtype: str = "fp32", batch
         for key in keys:
             times = raw[key][warmup:]
             result[phase][key] = {"times_s": times, "warmup_times_s": raw[key][:warmup], **speed.summarize(times),
-                                  "trainable_params": sum(p.numel() for p in speed._trainable(models[key]))}
+                                  "trainable_params": sum(p.numel() for p in speed.trainable_parameters(models[key]))}
     ratios = {}
     for name, num, den, phase, target in RATIOS:
         if num in result[phase] and den in result[phase]:
@@ -208,8 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     res["note"] = a.note
     name = a.name or f"decoder_speed_{a.shape}_{torch.device(a.device).type}" + ("" if a.dtype == "fp32" else f"_{a.dtype}")
     out = Path(a.out_dir)
-    speed._atomic_write(out / f"{name}.json", json.dumps(res, indent=1) + "\n")
-    speed._atomic_write(out / f"{name}.md", to_markdown(res, a.note))
+    speed.write_text(out / f"{name}.json", json.dumps(res, indent=1) + "\n")
+    speed.write_text(out / f"{name}.md", to_markdown(res, a.note))
     print(to_markdown(res, a.note))
     return 0
 

@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import speed  # noqa: E402
+import speed  # a sibling script: its folder is on the path when a script of benchmarks/ runs
 
 
 def time_method(module: nn.Module, calls: int) -> float:
@@ -66,9 +65,9 @@ def main(argv=None) -> int:
     result = {"setting": vars(a) | {"out": str(a.out)}, "machine": speed.machine_info(torch.device("cpu")),
               "dept_ms": statistics.median(times["dept"]) * 1e3, "ept_ms": statistics.median(times["ept"]) * 1e3,
               "extra_ms_median": statistics.median(extra) * 1e3,
-              "extra_ms_iqr": [speed._quantile(extra, 0.25) * 1e3, speed._quantile(extra, 0.75) * 1e3]}
+              "extra_ms_iqr": [speed.quantile(extra, 0.25) * 1e3, speed.quantile(extra, 0.75) * 1e3]}
     result["extra_fraction_of_step"] = result["extra_ms_median"] / a.step_ms
-    speed._atomic_write(a.out, json.dumps(result, indent=1) + "\n")
+    speed.write_text(a.out, json.dumps(result, indent=1) + "\n")
     print(f"prompt side per step: DePT {result['dept_ms']:.2f} ms, EPT {result['ept_ms']:.2f} ms; EPT adds "
           f"{result['extra_ms_median']:.2f} ms (IQR {result['extra_ms_iqr'][0]:.2f}-{result['extra_ms_iqr'][1]:.2f}) "
           f"= {100 * result['extra_fraction_of_step']:.3f}% of a {a.step_ms:.0f} ms step -> EPT/DePT "

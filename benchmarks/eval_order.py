@@ -19,7 +19,7 @@ import torch
 from eptkit import EPTConfig, get_prompted_model
 from eptkit.backbones import bundled_model_path, load_backbone
 from eptkit.batching import subsample
-from eptkit.evaluation import _batch_values
+from eptkit.evaluation import batch_values
 from eptkit.tasks.formatting import Collator, encode
 from eptkit.tasks.loading import load_task
 from eptkit.tasks.registry import get_task
@@ -48,7 +48,7 @@ def main(argv=None) -> dict:
         with torch.no_grad():
             for start in range(0, len(order), 64):
                 idx = order[start:start + 64]
-                values = _batch_values(model, tok, collate, [rows[i] for i in idx], [spec] * len(idx),
+                values = batch_values(model, tok, collate, [rows[i] for i in idx], [spec] * len(idx),
                                        [8] * len(idx), "cpu")
                 out.update(zip(idx, values))
         return time.perf_counter() - t0, [out[i] for i in range(len(rows))]

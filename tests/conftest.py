@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,8 +81,12 @@ def data_dir() -> Path:
 
 
 def load_benchmark(name: str):
-    """A script of benchmarks/ (not a package) imported as a module, e.g. load_benchmark("speed")."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    """A script of benchmarks/ (not a package) imported as a module, e.g. load_benchmark("speed"). Its
+    folder goes on the path, as it is when the script runs, so its sibling imports (`import speed`) work."""
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    path = folder / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"eptkit_bench_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -26,7 +26,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .backbones import backbone_facts, check_positions
-from .config import CONFIG_CLASSES, DePTConfig, PromptTuningConfig
+from .config import DePTConfig, PromptTuningConfig
+from .registry import config_classes
 from .files import atomic_save_safetensors, atomic_write_json, sha256_file
 from .task_types import PEFT_TASK_TYPES, detect_task_type
 from .version import __version__
@@ -46,7 +47,7 @@ class AdapterFiles:
 
     config: PromptTuningConfig  # the method and its hyper-parameters
     tensors: dict[str, torch.Tensor]  # under eptkit's names (`adapter_state_dict`)
-    compiled: bool  # tensors are the constant (prompt_embeddings, offset) of a compiled adapter
+    folded: bool  # tensors are the constant (prompt_embeddings, offset) of a folded adapter
     weights_path: Path  # the tensor file, for error messages
 
 
@@ -120,7 +121,7 @@ def read_adapter(directory, backbone: nn.Module) -> AdapterFiles:
             f"{type(backbone).__name__} is a {task_type} model"
         )
     _check_backbone(saved, backbone, directory / CONFIG_NAME)
-    cls = CONFIG_CLASSES.get(saved["method"]) if isinstance(saved["method"], str) else None
+    cls = config_classes().get(saved["method"]) if isinstance(saved["method"], str) else None
     if cls is None:
         raise AdapterError(f"{directory / CONFIG_NAME}: unknown method {saved['method']!r}")
     fields = {f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved}
@@ -132,23 +133,23 @@ def read_adapter(directory, backbone: nn.Module) -> AdapterFiles:
     except (TypeError, ValueError) as e:
         raise AdapterError(f"{directory / CONFIG_NAME}: {e}") from None
     tensors = read_safetensors(directory / WEIGHTS_NAME, saved.get("weights_sha256"))
-    compiled = saved.get("compiled") is True
-    if compiled:  # (prompt, offset) constants: their shapes are all that the model can check
-        _check_compiled(tensors, config, backbone, directory / WEIGHTS_NAME)
-    return AdapterFiles(config, tensors, compiled, directory / WEIGHTS_NAME)
+    folded = saved.get("compiled") is True  # the format's key for a folded adapter
+    if folded:  # (prompt, offset) constants: their shapes are all that the model can check
+        _check_folded(tensors, config, backbone, directory / WEIGHTS_NAME)
+    return AdapterFiles(config, tensors, folded, directory / WEIGHTS_NAME)
 
 
-def _check_compiled(tensors: dict, config, backbone: nn.Module, where: Path) -> None:
+def _check_folded(tensors: dict, config, backbone: nn.Module, where: Path) -> None:
     hidden = backbone.get_input_embeddings().weight.shape[1]
     expected = {"prompt_embeddings": (config.prompt_length, hidden)}
     if isinstance(config, DePTConfig):
         expected["offset"] = (config.max_length, hidden)
     if "offset" in tensors and "offset" not in expected:
-        raise AdapterError(f"{where}: a compiled {config.method} adapter has no offset, but the file holds one")
+        raise AdapterError(f"{where}: a folded {config.method} adapter has no offset, but the file holds one")
     for name, shape in expected.items():
         if name not in tensors or tuple(tensors[name].shape) != shape:
             found = tuple(tensors[name].shape) if name in tensors else "nothing"
-            raise AdapterError(f"{where}: a compiled {config.method} adapter needs {name!r} of shape {shape}, "
+            raise AdapterError(f"{where}: a folded {config.method} adapter needs {name!r} of shape {shape}, "
                                f"found {found}")
     for name, t in tensors.items():
         if not t.is_floating_point():

@@ -1,7 +1,7 @@
 """Many trained adapters on one frozen backbone, answering mixed batches: what `eptkit serve` holds.
 
 The pool owns one `PromptedModel` and adds or drops named adapters on it at run time. Rows for different
-adapters share forward passes (`eptkit.mixed`; rows of similar length together,
+adapters share forward passes (`eptkit.forward`; rows of similar length together,
 `eptkit.batching.length_groups`): every row goes through its own adapter and comes back as `eptkit predict`
 writes it (label name, score, or None).
 
@@ -10,8 +10,10 @@ whose run records another backbone, or whose shapes do not fit it, is refused wi
 baselines (LoRA, full fine-tuning...), which change the backbone itself and cannot share it. `model`
 overrides the recorded backbone for every adapter, as `eptkit predict --model` does (shapes still checked).
 
-The pool is not thread-safe, by design: the server (`eptkit.serve`) calls it from one worker thread
-only, so a load or an unload never runs during a forward pass.
+Loads, unloads and forward passes run on the server's one worker thread (`eptkit.serve`), so a load or
+an unload never runs during a forward pass. The event loop only reads: `get`, `check_rows` and
+`describe` (a request's checks, GET /adapters) each take one dict lookup or one snapshot of the adapters,
+which the GIL keeps whole while the worker adds or drops one.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from pathlib import Path
 from .adapter_files import DEPT_WEIGHTS_NAME, WEIGHTS_NAME, AdapterError
 from .backbones import load_backbone, resolve_model_path
 from .batching import length_groups
-from .config import PROMPT_METHODS
+from .registry import prompt_methods
 from .evaluation import predict_mixed
-from .model import CompiledPrompt, PromptedModel, fold_adapter, load_adapter, remove_adapter
-from .runs import encode_input_rows, prediction_label, read_trained
+from .model import FoldedPrompt, PromptedModel, fold_adapter, load_adapter, remove_adapter
+from .runs import read_trained
+from .tasks.formatting import encode_input_rows, prediction_label
 from .tasks.errors import DataError
 from .tasks.loading import check_columns
 from .tasks.registry import TaskSpec
@@ -76,12 +79,12 @@ class AdapterPool:
         if pickled.is_file() and not (Path(directory) / WEIGHTS_NAME).is_file():
             # Even weights-only unpickling is more than a server that loads adapters on request should run.
             raise AdapterError(f"{pickled}: a DePT checkpoint is a pickle and the server reads safetensors only; "
-                               "convert it first (eptkit export --format compiled)")
+                               "convert it first (eptkit export --format folded)")
         trained = read_trained(directory, model=self.override)
         method = (trained.baseline or {}).get("method") or trained.run.get("method")
         if trained.baseline is not None:
             raise AdapterError(f"{directory}: a {method!r} run changes the backbone itself and cannot share it; "
-                               f"the server serves prompt adapters ({', '.join(PROMPT_METHODS)})")
+                               f"the server serves prompt adapters ({', '.join(prompt_methods())})")
         if self.model is None:
             backbone, self.tokenizer = load_backbone(trained.model_path, trained.task_type, trained.spec,
                                                      num_labels=trained.num_labels)
@@ -98,7 +101,7 @@ class AdapterPool:
             fold_adapter(self.model, name)
         # Runs record the text length they trained with; else the method's own, else TrainConfig's default.
         max_length = trained.run.get("max_length") or getattr(config, "max_length", None) or 256
-        compiled = isinstance(self.model.adapters[name], CompiledPrompt)  # folded here, or saved compiled
+        compiled = isinstance(self.model.adapters[name], FoldedPrompt)  # folded here, or saved folded
         self.adapters[name] = ServedAdapter(name, Path(directory), trained.spec, method or config.method, parameters,
                                             int(max_length), compiled)
         return self.adapters[name]
@@ -122,9 +125,10 @@ class AdapterPool:
         del self.adapters[name]
 
     def get(self, name) -> ServedAdapter:
-        if name not in self.adapters:
+        served = self.adapters.get(name)  # one lookup: the worker may drop `name` meanwhile
+        if served is None:
             raise UnknownAdapter(f"adapter: no adapter named {name!r} is loaded; have {sorted(self.adapters)}")
-        return self.adapters[name]
+        return served
 
     def check_rows(self, name: str, rows: list) -> None:
         """Rows (JSON objects) carrying the adapter's text fields as strings, or a DataError naming the row."""
@@ -157,4 +161,4 @@ class AdapterPool:
         return out
 
     def describe(self) -> list[dict]:
-        return [a.describe() for a in self.adapters.values()]
+        return [a.describe() for a in list(self.adapters.values())]  # a snapshot (see the module docstring)

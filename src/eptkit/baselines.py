@@ -32,17 +32,17 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from .config import METHOD_NAMES, PEFT_PROMPT_METHODS, PROMPT_METHODS
 from .files import (atomic_copy, atomic_save_safetensors, atomic_write_json, fsync_dir, make_readable,
                     sha256_file)
+from .registry import METHODS, get_method
 from .heads import apply_head, classification_loss, find_head_name, mean_pool
 from .task_types import PEFT_TASK_TYPES, detect_task_type
 from .trainable import AdapterStateMixin
 from .version import __version__
 
 BASELINE_CONFIG_NAME = "eptkit_baseline.json"
+PEFT_PROMPT_CLASSES = ("ptuning", "prefix")  # PEFT's P-tuning and prefix tuning (PeftPromptModel)
 FULL_WEIGHTS_NAME = "model.safetensors"  # methods full and head
-PEFT_METHODS = ("lora", "ptuning", "prefix")  # saved in PEFT's own format
 
 
 class _Wrapper(AdapterStateMixin, nn.Module):
@@ -161,7 +161,7 @@ class PeftPromptModel(_PeftWrapper):
         super().__init__()
         from peft import PrefixTuningConfig, PromptEncoderConfig, get_peft_model
 
-        if method not in PEFT_PROMPT_METHODS:
+        if method not in PEFT_PROMPT_CLASSES:
             raise ValueError(f"method: expected 'ptuning' or 'prefix', got {method!r}")
         if isinstance(num_virtual_tokens, bool) or not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
             raise ValueError(f"prompt_length: must be a positive integer, got {num_virtual_tokens!r}")
@@ -270,24 +270,35 @@ class HeadOnlyModel(_Wrapper):
 
 def build_model(model: nn.Module, method: str, method_config=None, *, tokenizer=None, lora_r: int = 8,
                 num_virtual_tokens: int = 20):
-    """Wrap a loaded backbone for `method` (one of METHOD_NAMES). Prompt methods need `method_config`;
-    `num_virtual_tokens` is for PEFT's P-tuning and prefix tuning."""
-    if method in PROMPT_METHODS:
+    """Wrap a loaded backbone for `method` (a name in `eptkit.registry.METHODS`). Prompt methods need
+    `method_config`; `num_virtual_tokens` is for PEFT's P-tuning and prefix tuning."""
+    spec = get_method(method)
+    if spec.is_prompt_method:
         from .model import get_prompted_model
 
         if method_config is None or method_config.method != method:
-            raise ValueError(f"method {method!r} needs its config (PromptTuningConfig/DePTConfig/EPTConfig)")
+            raise ValueError(f"method {method!r} needs its config ({spec.config_class().__name__})")
         return get_prompted_model(model, method_config, tokenizer=tokenizer)
-    if method == "lora":
-        return LoRAModel(model, r=lora_r)
-    if method in PEFT_PROMPT_METHODS:
-        return PeftPromptModel(model, method, num_virtual_tokens=num_virtual_tokens)
-    if method == "full":
-        return FullFineTuneModel(model)
-    if method == "head":
-        return HeadOnlyModel(model)
-    raise ValueError(f"method: unknown method {method!r}; expected one of {', '.join(METHOD_NAMES)}")
+    return spec.builder()(model, method_config, tokenizer=tokenizer, lora_r=lora_r,
+                          num_virtual_tokens=num_virtual_tokens, method=method)
 
+
+# The builders the registry names (eptkit.registry): (backbone, method config, **options) -> model.
+def build_lora(model: nn.Module, method_config=None, *, lora_r: int = 8, **_) -> "LoRAModel":
+    return LoRAModel(model, r=lora_r)
+
+
+def build_full(model: nn.Module, method_config=None, **_) -> "FullFineTuneModel":
+    return FullFineTuneModel(model)
+
+
+def build_head(model: nn.Module, method_config=None, **_) -> "HeadOnlyModel":
+    return HeadOnlyModel(model)
+
+
+def build_peft_prompt(model: nn.Module, method_config=None, *, method: str, num_virtual_tokens: int = 20,
+                      **_) -> "PeftPromptModel":
+    return PeftPromptModel(model, method, num_virtual_tokens=num_virtual_tokens)
 
 
 # ---------------------------------------------------------------------------- loading a saved baseline
@@ -312,7 +323,7 @@ def load_baseline(model: nn.Module, directory) -> _Wrapper:
     if info is None:
         raise AdapterError(f"{info_path}: not found")
     method = info.get("method")
-    if method not in METHOD_NAMES or method in PROMPT_METHODS:
+    if method not in METHODS or METHODS[method].is_prompt_method:
         raise AdapterError(f"{info_path}: unknown baseline method {method!r}")
     task_type = detect_task_type(model)
     if info.get("task_type", task_type) != task_type:
@@ -327,7 +338,7 @@ def load_baseline(model: nn.Module, directory) -> _Wrapper:
             raise AdapterError(f"{path}: not found")
         if sha256_file(path) != digest:
             raise AdapterError(f"{path}: checksum mismatch, the file is truncated, corrupted or from another save")
-    if method in PEFT_METHODS:
+    if METHODS[method].peft_format:
         from peft import PeftModel
 
         wrapper = (LoRAModel if method == "lora" else PeftPromptModel).__new__(

@@ -3,7 +3,7 @@
     eptkit train    --task cb --method ept --data-dir ../shared/data --output-dir runs/cb-ept
     eptkit evaluate --adapter runs/cb-ept [--task cb] [--split test]
     eptkit predict  --adapter runs/cb-ept --input rows.jsonl --output predictions.jsonl
-    eptkit export   --adapter runs/cb-ept --format compiled|peft --output out/
+    eptkit export   --adapter runs/cb-ept --format folded|peft --output out/
     eptkit info     --adapter runs/cb-ept [--plot gates.png]
 
 Every hyper-parameter is an option, generated from the config dataclasses (their help text is the
@@ -28,16 +28,14 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import (CONFIG_CLASSES, METHOD_NAMES, PEFT_PROMPT_METHODS, PROMPT_METHODS, EPTConfig, TrainConfig,
-                     default_text)
+from .config import TrainConfig
+from .options import UsageError, add_dataclass_arguments, add_method_arguments, build_configs, load_data
+from .options import method_settings, resolve, run_info
+from .registry import method_names, prompt_methods
 from .task_types import TASK_TYPES
 from .version import __version__
 
 PROG = "eptkit"
-
-
-class UsageError(ValueError):
-    """Bad command-line input; printed as one line."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,27 +60,7 @@ def register_command(name: str, help: str):
     return wrap
 
 
-def _field_help(cls, name: str) -> str:
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            return f.metadata.get("help", "")
-    return ""
-
-
-def _opt(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 # ============================================================================ train
-# Option -> (dataclass, field) for method hyper-parameters. `max_length` is shared with TrainConfig.
-_METHOD_FIELDS = ("prompt_length", "init", "init_text", "pooling", "rank", "max_length", "alpha", "fusion",
-                  "fusion_rank", "num_subspaces", "subspace_rank", "module_init", "text_positions", "shared_prefix")
-# Non-dataclass options of `train` (name -> default), also valid recipe keys.
-_TRAIN_EXTRA = {"task": None, "method": "ept", "model": None, "data_dir": None, "task_type": "auto", "k_shot": None,
-                "train_file": None, "validation_file": None, "test_file": None, "text_columns": None,
-                "label_column": "label", "lora_r": 8, "config": None, "seeds": None, "sweep": None}
-
-
 def _train_parser(parser: argparse.ArgumentParser):
     S = argparse.SUPPRESS  # unset options stay absent, so a recipe's value is not overridden by a default
     g = parser.add_argument_group("task and data")
@@ -97,32 +75,14 @@ def _train_parser(parser: argparse.ArgumentParser):
     g.add_argument("--text-columns", default=S, help="Comma-separated text column(s) of your files (one or two).")
     g.add_argument("--label-column", default=S, help="Label column of your files (default: label).")
     g = parser.add_argument_group("model and method")
-    g.add_argument("--method", choices=METHOD_NAMES, default=S, help="Method (default: ept).")
+    g.add_argument("--method", choices=method_names(), default=S, help="Method (default: ept).")
     g.add_argument("--model", default=S, help="Backbone: a local path or Hub id (default: the bundled all-MiniLM-L6-v2).")
     g.add_argument("--task-type", choices=("auto",) + TASK_TYPES, default=S,
                    help="How to load the backbone: sequence classifier, encoder-decoder or decoder-only generator "
                         "(default auto: from the model's config).")
-    types = {f.name: f.type for f in dataclasses.fields(EPTConfig)}
-    for name in _METHOD_FIELDS:
-        help_text = _field_help(EPTConfig, name)
-        if types[name] in (bool, "bool"):  # on by default: the option switches it off
-            g.add_argument(_opt("no_" + name), dest=name, action="store_const", const=False, default=S,
-                           help=f"Switch off: {help_text}")
-            continue
-        if name == "max_length":
-            help_text += " For PT and the baselines: the maximum text length."
-        kind = {"int": int, "float": float}.get(str(types[name]).split(" ")[0], str)
-        g.add_argument(_opt(name), type=kind, default=S, help=f"{help_text} {default_text(name)}")
-    g.add_argument("--lora-r", type=int, default=S, help="LoRA rank (method lora; default: 8).")
+    add_method_arguments(g)  # every method's options (eptkit.registry, eptkit.options)
     g = parser.add_argument_group("training loop")
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "max_length":
-            continue
-        if f.type in (bool, "bool"):
-            g.add_argument(_opt(f.name), action="store_const", const=True, default=S, help=f.metadata["help"])
-            continue
-        kind = float if str(f.type).startswith("float") else int if str(f.type).startswith("int") else str
-        g.add_argument(_opt(f.name), type=kind, default=S, help=f"{f.metadata['help']} (default: {f.default})")
+    add_dataclass_arguments(g, [f for f in dataclasses.fields(TrainConfig) if f.name != "max_length"], suppress=True)
     parser.add_argument("--config", default=S, help="Recipe file (JSON or TOML) whose keys are option names; "
                                                     "command-line options override it.")
     g = parser.add_argument_group("several runs in one process (pt, dept, ept; eptkit.sweep)")
@@ -133,85 +93,9 @@ def _train_parser(parser: argparse.ArgumentParser):
     return train_command
 
 
-def _valid_keys() -> set[str]:
-    return set(_METHOD_FIELDS) | set(_TRAIN_EXTRA) | {f.name for f in dataclasses.fields(TrainConfig)}
-
-
-def read_recipe(path) -> dict[str, Any]:
-    from .recipes import read_recipe as read
-
-    try:
-        return read(path, _valid_keys())
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-
-
 def resolve_train_options(args: argparse.Namespace) -> dict[str, Any]:
-    """defaults < recipe (--config) < command line."""
-    given = dict(vars(args))
-    given.pop("command", None)
-    given.pop("func", None)
-    options = dict(_TRAIN_EXTRA)
-    if "config" in given:
-        options.update(read_recipe(given["config"]))
-    options.update(given)
-    if isinstance(options.get("text_columns"), str):
-        options["text_columns"] = tuple(c.strip() for c in options["text_columns"].split(",") if c.strip())
-    return options
-
-
-def build_configs(options: dict[str, Any]):
-    """(method config or None, TrainConfig) from resolved options."""
-    method = options["method"]
-    if method not in METHOD_NAMES:
-        raise UsageError(f"method: unknown method {method!r}; expected one of {', '.join(METHOD_NAMES)}")
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    train_kwargs = {k: v for k, v in options.items() if k in train_fields}
-    method_config = None
-    if method in CONFIG_CLASSES:
-        cls = CONFIG_CLASSES[method]
-        names = {f.name for f in dataclasses.fields(cls)}
-        given = {k: options[k] for k in _METHOD_FIELDS if k in options}
-        ignored = sorted(set(given) - names - {"max_length"})
-        if ignored:
-            raise UsageError(f"method {method!r} has no option(s) {', '.join(_opt(n) for n in ignored)}")
-        method_config = cls(**{k: v for k, v in given.items() if k in names})
-        if "max_length" in names:
-            train_kwargs.setdefault("max_length", method_config.max_length)
-    else:
-        # PEFT's P-tuning and prefix tuning take a number of virtual tokens (--prompt-length).
-        allowed = {"max_length", "prompt_length"} if method in PEFT_PROMPT_METHODS else {"max_length"}
-        given = [k for k in _METHOD_FIELDS if k in options and k not in allowed]
-        if given:
-            raise UsageError(f"method {method!r} takes no prompt option(s) {', '.join(_opt(n) for n in given)}")
-    if "max_length" in options:
-        train_kwargs["max_length"] = options["max_length"]
-    return method_config, TrainConfig(**train_kwargs)
-
-
-def load_data(options: dict[str, Any], seed: int):
-    """(DatasetDict, TaskSpec) for a named task or the user's files."""
-    from .tasks.loading import load_files, load_task
-    from .tasks.registry import get_task
-
-    data_dir = options.get("data_dir") or os.environ.get("EPTKIT_DATA_DIR") or None
-    if options.get("train_file"):
-        if options.get("k_shot"):
-            raise UsageError("--k-shot applies to the named tasks, not to --train-file")
-        return load_files(options["train_file"], options.get("validation_file"), options.get("test_file"),
-                          text_columns=options.get("text_columns"), label_column=options.get("label_column") or "label",
-                          name=options.get("task") or "custom")
-    for key in ("validation_file", "test_file", "text_columns"):
-        if options.get(key):
-            raise UsageError(f"{_opt(key)} needs --train-file")
-    task = options.get("task")
-    if not task:
-        raise UsageError("--task is required (or --train-file for your own data)")
-    spec = get_task(task)
-    if data_dir is not None and not Path(data_dir).is_dir():
-        raise UsageError(f"{data_dir}: data directory not found")
-    data = load_task(spec, data_dir, k_shot=options.get("k_shot"), k_shot_seed=seed)
-    return data, spec
+    """defaults < recipe (--config) < command line (`eptkit.options.resolve`)."""
+    return resolve(vars(args))
 
 
 def train_command(args: argparse.Namespace) -> int:
@@ -227,7 +111,7 @@ def train_command(args: argparse.Namespace) -> int:
     if options.get("seeds") is not None or options.get("sweep"):
         from .sweep import train_sweep
 
-        for results in train_sweep(options, build_configs=build_configs, load_data=load_data, valid_keys=_valid_keys()):
+        for results in train_sweep(options):
             print(json.dumps(round_floats(_summary(results))))
         return 0
     method_config, train_config = build_configs(options)
@@ -238,19 +122,13 @@ def train_command(args: argparse.Namespace) -> int:
     backbone, tokenizer = load_backbone(model_path, task_type, spec)
     try:
         model = build_model(backbone, options["method"], method_config, tokenizer=tokenizer,
-                            lora_r=options.get("lora_r") or 8, num_virtual_tokens=options.get("prompt_length") or 20)
+                            **method_settings(options, options["method"]))
     except TypeError as e:  # an unsupported model class
         raise UsageError(str(e)) from None
     if model.max_length is None and task_type != "seq2seq" and "max_length" in options:  # an explicit one fits
         check_prompt_fits(backbone, model.prompt_positions, train_config.max_length)
-    run_info = {"backbone": model_path, "tokenizer": model_path, "task_type": task_type,
-                "num_labels": spec.num_labels, "method": options["method"],
-                "data_dir": options.get("data_dir"), "k_shot": options.get("k_shot")}
-    if options.get("train_file"):  # `evaluate --split` on a run of the user's files reads them again
-        run_info["files"] = {k: str(Path(options[f"{k}_file"]).resolve()) if options.get(f"{k}_file") else None
-                             for k in ("train", "validation", "test")}
-        run_info["files"]["label_column"] = options.get("label_column") or "label"
-    results = train(model, tokenizer, spec, data, train_config, run_info=run_info)
+    results = train(model, tokenizer, spec, data, train_config,
+                    run_info=run_info(options, model_path, task_type, spec))
     from accelerate import PartialState
 
     if PartialState().is_main_process:
@@ -331,11 +209,12 @@ def predict_command(args) -> int:
 
 
 # ============================================================================ export
-@register_command("export", "write a trained adapter as a compiled adapter or in PEFT's format")
+@register_command("export", "write a trained adapter as a folded adapter or in PEFT's format")
 def _export_parser(parser):
     parser.add_argument("--adapter", required=True, help="Output dir of `eptkit train`, or an adapter dir.")
-    parser.add_argument("--format", required=True, choices=("compiled", "peft"),
-                        help="compiled: EPT/DePT prompt side folded into constant tensors (eptkit format); "
+    parser.add_argument("--format", required=True, choices=("folded", "peft", "compiled"),
+                        help="folded: EPT/DePT prompt side folded into constant tensors (eptkit format; "
+                             "'compiled' is its older name); "
                              "peft: PEFT prompt-tuning format (PT adapters with pooling 'backbone' only).")
     parser.add_argument("--output", required=True, help="Directory to write.")
     parser.add_argument("--model", help="Backbone path or Hub id (default: the one recorded with the adapter).")
@@ -343,17 +222,19 @@ def _export_parser(parser):
 
 
 def export_command(args) -> int:
-    from .baselines import PEFT_METHODS, copy_baseline, read_baseline_info
+    from .baselines import copy_baseline, read_baseline_info
+    from .registry import saved_by_peft
     from .files import atomic_copy
     from .model import export_peft, save_adapter
-    from .runs import RUN_INFO_NAME, load_trained
+    from .run_files import RUN_INFO_NAME
+    from .runs import load_trained
 
     baseline = read_baseline_info(args.adapter) if Path(args.adapter).is_dir() else None
     out = Path(args.output)
     if baseline is not None:  # LoRA, P-tuning, prefix: PEFT's files already; full and head: no adapter format
         method = baseline.get("method")
-        if args.format != "peft" or method not in PEFT_METHODS:
-            what = ("a PEFT adapter already: --format peft copies it" if method in PEFT_METHODS
+        if args.format != "peft" or not saved_by_peft(method):
+            what = ("a PEFT adapter already: --format peft copies it" if saved_by_peft(method)
                     else "a whole model, not an adapter: use it with `eptkit evaluate` and `predict`")
             raise UsageError(f"{args.adapter}: --format {args.format} is for pt/dept/ept adapters; a {method!r} "
                              f"run is {what}")
@@ -368,7 +249,7 @@ def export_command(args) -> int:
         except ValueError as e:
             raise UsageError(f"{args.adapter}: {e}") from None
     else:
-        save_adapter(model, out, compiled=True)
+        save_adapter(model, out, folded=True)
         run_file = Path(args.adapter) / RUN_INFO_NAME
         if run_file.is_file():
             atomic_copy(run_file, out / RUN_INFO_NAME)
@@ -401,7 +282,7 @@ def info_command(args) -> int:
     gates = info.get("gate_weights")
     if args.plot:
         if gates is None:
-            raise UsageError(f"{args.adapter}: --plot needs an uncompiled EPT adapter with multi-space projection")
+            raise UsageError(f"{args.adapter}: --plot needs an unfolded EPT adapter with multi-space projection")
         plot_gate_weights(gates, args.plot, title=f"EPT gate weights ({info['adapter']})")
     print(json.dumps(info, indent=2) if args.json else "\n".join(adapter_info_lines(info)))
     if args.plot and not args.json:
@@ -436,8 +317,8 @@ def _serve_parser(parser):
 
 
 # ============================================================================ main
-register_command("train", f"train an adapter ({', '.join(PROMPT_METHODS)}) or a baseline "
-                          f"({', '.join(m for m in METHOD_NAMES if m not in PROMPT_METHODS)}) on a task")(_train_parser)
+register_command("train", f"train an adapter ({', '.join(prompt_methods())}) or a baseline "
+                          f"({', '.join(m for m in method_names() if m not in prompt_methods())}) on a task")(_train_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from .registry import config_classes, lr_fields
+
 PROMPT_INITS = ("sample_vocab", "text", "random")
 POOLINGS = ("mean", "backbone", "text_first")
 TEXT_POSITIONS = ("after_prompt", "own")
@@ -89,9 +91,10 @@ class PromptTuningConfig:
         """Build the config of `data["method"]`; unknown fields are an error, not silently dropped."""
         data = dict(data)
         method = data.pop("method", None)
-        cls = CONFIG_CLASSES.get(method)
+        classes = config_classes()
+        cls = classes.get(method)
         if cls is None:
-            raise ValueError(f"method: unknown method {method!r}; expected one of {sorted(CONFIG_CLASSES)}")
+            raise ValueError(f"method: unknown method {method!r}; expected one of {sorted(classes)}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -156,29 +159,8 @@ class EPTConfig(DePTConfig):
             raise ValueError(f"module_init: must be one of {MODULE_INITS}, got {self.module_init!r}")
 
 
-CONFIG_CLASSES: dict[str, type[PromptTuningConfig]] = {
-    c.method: c for c in (PromptTuningConfig, DePTConfig, EPTConfig)
-}
-# The name of every method `eptkit train` knows: eptkit's prompt methods (configured by the classes
-# above), then the comparison methods of `eptkit.baselines` (LoRA, PEFT's P-tuning and prefix tuning,
-# full fine-tuning, linear probe). The classes that implement the prompt methods are
-# `eptkit.methods.METHOD_CLASSES`.
-PROMPT_METHODS = tuple(CONFIG_CLASSES)
-PEFT_PROMPT_METHODS = ("ptuning", "prefix")
-METHOD_NAMES = PROMPT_METHODS + ("lora",) + PEFT_PROMPT_METHODS + ("full", "head")
-
-
 # ============================================================================ training
-# param_groups() name -> TrainConfig field holding its learning rate. Every group has its own rate;
-# `lr` is the prompt's, not a global one.
-LR_FIELDS = {
-    "prompt": "lr",
-    "low_rank": "lr_low_rank",
-    "ept": "lr_ept",
-    "head": "lr_head",
-    "full": "lr_full",
-    "lora": "lr_lora",
-}
+# The methods' names, parameter groups and the field holding each group's rate: `eptkit.registry`.
 MIXED_PRECISION = ("no", "bf16", "fp16")
 LR_UNITS = ("embedding_rms", "absolute")
 OPTIMIZERS = ("adamw", "adafactor")
@@ -190,7 +172,7 @@ LR_SCHEDULES = ("linear", "constant")
 class TrainConfig:
     """Hyper-parameters of the training loop (the method's own live in its PromptTuningConfig).
 
-    Each parameter group of the model trains at its own rate (`LR_FIELDS`): `lr` is the prompt's,
+    Each parameter group of the model trains at its own rate (`eptkit.registry.lr_fields`): `lr` is the prompt's,
     `lr_low_rank` DePT/EPT's offset, `lr_ept` EPT's modules, `lr_head` a classifier's head, and so on.
     """
 
@@ -291,9 +273,12 @@ class TrainConfig:
     def group_lr(self, group: str) -> float:
         if group == "ept" and self.lr_ept is None:
             return self.lr_low_rank
-        if group not in LR_FIELDS:
-            raise ValueError(f"parameter group {group!r} has no learning rate; known groups: {sorted(LR_FIELDS)}")
-        return getattr(self, LR_FIELDS[group])
+        fields = lr_fields()
+        if group not in fields:
+            raise ValueError(f"parameter group {group!r} has no learning rate; known groups: {sorted(fields)}")
+        if not hasattr(self, fields[group]):
+            raise ValueError(f"parameter group {group!r}: its rate field {fields[group]!r} is not a TrainConfig field")
+        return getattr(self, fields[group])
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -341,7 +326,7 @@ def _check_number(config, name: str, positive: bool = False) -> None:
 
 def default_text(name: str) -> str:
     """'(default: X)' for a method option, per method where their defaults differ (the CLI's help)."""
-    by_method = {method: f.default for method, cls in CONFIG_CLASSES.items() for f in dataclasses.fields(cls)
+    by_method = {method: f.default for method, cls in config_classes().items() for f in dataclasses.fields(cls)
                  if f.name == name}
     if name == "max_length":
         by_method["pt and baselines"] = TrainConfig.max_length

@@ -1,5 +1,5 @@
 """A one-minute tour on the bundled all-MiniLM-L6-v2: build PT, DePT and EPT, run them, save,
-reload and compile (fold) an EPT adapter. `python -m eptkit.demo` (what `make run` did before the CLI)."""
+reload and fold an EPT adapter. `python -m eptkit.demo` (what `make run` did before the CLI)."""
 
 import tempfile
 
@@ -29,9 +29,9 @@ def main() -> None:
         reloaded = PromptedModel.from_pretrained(
             AutoModelForSequenceClassification.from_pretrained(path, num_labels=2), tmp).eval()
         same = torch.allclose(reloaded(**batch).logits, prompted.eval()(**batch).logits)
-        compiled = prompted.fold_prompt()
-        print(f"EPT adapter saved and reloaded: identical logits {same}; compiled: "
-              f"{torch.allclose(compiled(**batch).logits, prompted(**batch).logits, atol=1e-6)}")
+        folded = prompted.fold_prompt()
+        print(f"EPT adapter saved and reloaded: identical logits {same}; folded: "
+              f"{torch.allclose(folded(**batch).logits, prompted(**batch).logits, atol=1e-6)}")
 
 
 if __name__ == "__main__":

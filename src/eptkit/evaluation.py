@@ -50,7 +50,7 @@ def predict_rows(model, tokenizer, spec, rows: list[dict], *, batch_size: int = 
     with autocast:
         for start in range(0, len(mine), batch_size):
             chunk = [rows[i] for i in mine[start:start + batch_size]]
-            preds.extend(_batch_values(model, tokenizer, collate, chunk, [spec] * len(chunk), [budget] * len(chunk),
+            preds.extend(batch_values(model, tokenizer, collate, chunk, [spec] * len(chunk), [budget] * len(chunk),
                                        device))
     idx = mine
     if accelerator is not None and world > 1:
@@ -69,17 +69,17 @@ def predict_rows(model, tokenizer, spec, rows: list[dict], *, batch_size: int = 
 @torch.no_grad()
 def predict_mixed(model, tokenizer, rows: list[dict], specs: list, adapter_names: list[str]) -> list:
     """Predictions for one batch of encoded rows, row i of task specs[i] through adapter adapter_names[i] (a
-    mixed batch, `eptkit.mixed`): what `predict_rows` gives each row with its own adapter alone. A text-to-text
+    mixed batch, `eptkit.forward`): what `predict_rows` gives each row with its own adapter alone. A text-to-text
     row's generated tokens are cut to its own task's budget, so a longer budget of another task changes nothing."""
     budgets = {spec: _label_budget(spec, tokenizer) for spec in set(specs)}
     device = next(model.parameters()).device
     collate = Collator(tokenizer, model.task_type)
-    values = _batch_values(model, tokenizer, collate, rows, specs, [budgets[s] for s in specs], device,
+    values = batch_values(model, tokenizer, collate, rows, specs, [budgets[s] for s in specs], device,
                            adapter_names)
     return [_prediction(v, spec) for v, spec in zip(values, specs)]
 
 
-def _batch_values(model, tokenizer, collate: Collator, rows: list[dict], specs: list, budgets: list[int], device,
+def batch_values(model, tokenizer, collate: Collator, rows: list[dict], specs: list, budgets: list[int], device,
                   adapter_names: list[str] | None = None) -> list[float]:
     """One batch of encoded rows -> a float per row (class id, score, or NaN where generated text is not a label)."""
     batch = collate(rows)

@@ -55,6 +55,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     _atomic(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 

@@ -14,15 +14,15 @@ import torch
 from torch import nn
 
 from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, AdapterError, read_json, read_safetensors
-from .config import CONFIG_CLASSES
+from .registry import config_classes, saved_by_peft
 from .methods import build_method
-from .baselines import FULL_WEIGHTS_NAME, PEFT_METHODS, read_baseline_info
-from .runs import read_run_info
+from .baselines import FULL_WEIGHTS_NAME, read_baseline_info
+from .run_files import read_run_info
 from .tasks.registry import get_task
 
 
 def adapter_info(adapter_dir) -> dict:
-    """Method, backbone facts, tensors and config of an adapter directory; for an uncompiled EPT
+    """Method, backbone facts, tensors and config of an adapter directory; for an unfolded EPT
     adapter with multi-space projection also the subspace weights each prompt token learned."""
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
@@ -34,7 +34,7 @@ def adapter_info(adapter_dir) -> dict:
     if "method" not in saved:
         raise AdapterError(f"{adapter_dir / CONFIG_NAME}: not an eptkit adapter (no 'method')")
     state = read_safetensors(adapter_dir / WEIGHTS_NAME, saved.get("weights_sha256"))
-    fields = {f.name for f in dataclasses.fields(CONFIG_CLASSES[saved["method"]])}
+    fields = {f.name for f in dataclasses.fields(config_classes()[saved["method"]])}
     info = {
         "adapter": str(adapter_dir),
         "method": saved["method"],
@@ -55,9 +55,9 @@ def adapter_info(adapter_dir) -> dict:
 def _baseline_info(adapter_dir: Path, saved: dict) -> dict:
     """A baseline run's directory: LoRA, P-tuning and prefix in PEFT's files, full and head in model.safetensors."""
     method = saved.get("method")
-    weights = adapter_dir / (WEIGHTS_NAME if method in PEFT_METHODS else FULL_WEIGHTS_NAME)
+    weights = adapter_dir / (WEIGHTS_NAME if saved_by_peft(method) else FULL_WEIGHTS_NAME)
     state = read_safetensors(weights, (saved.get("files_sha256") or {}).get(weights.name))
-    config = read_json(adapter_dir / CONFIG_NAME) if method in PEFT_METHODS else {}
+    config = read_json(adapter_dir / CONFIG_NAME) if saved_by_peft(method) else {}
     run = read_run_info(adapter_dir) or None
     return {"adapter": str(adapter_dir), "method": method, "backbone": saved.get("backbone") or (run or {}).get("backbone"),
             "task_type": saved.get("task_type"), "hidden_size": None, "compiled": False,
@@ -70,7 +70,7 @@ def _baseline_info(adapter_dir: Path, saved: dict) -> dict:
 def adapter_info_lines(info: dict) -> list[str]:
     """`eptkit info --adapter` as text."""
     lines = [f"adapter      {info['adapter']}",
-             f"method       {info['method']}{' (compiled)' if info['compiled'] else ''}",
+             f"method       {info['method']}{' (folded)' if info['compiled'] else ''}",
              f"backbone     {info['backbone']} ({info['task_type']}, hidden size {info['hidden_size']})"]
     if info["run"]:
         lines.append(f"task         {info['run'].get('task')}")
@@ -119,7 +119,7 @@ def task_info_lines(info: dict) -> list[str]:
 
 def _gate_weights(config: dict, state: dict[str, torch.Tensor]) -> dict:
     # Rebuild the EPT module from the config alone (a 1-row vocabulary: the init is overwritten).
-    ept_config = CONFIG_CLASSES["ept"](**{**config, "init": "sample_vocab"})
+    ept_config = config_classes()["ept"](**{**config, "init": "sample_vocab"})
     d = int(state["prompt_embeddings"].shape[1])
     ept = build_method(ept_config, nn.Embedding(1, d))
     ept.load_state_dict({k: v for k, v in state.items() if k in ept.state_dict()})

@@ -16,7 +16,7 @@ differ only in what the backbone is asked for:
 Adapters live in `self.adapters` (a ModuleDict keyed by name, "default" unless told otherwise),
 so several adapters can share one frozen backbone; `set_adapter` picks the one a plain call uses,
 and `model(..., adapter_names=[...])` / `generate(..., adapter_names=[...])` run each row of a
-batch through its own adapter (`eptkit.mixed`). `load_adapter(prompted_model, dir, adapter_name=...)`
+batch through its own adapter (`eptkit.forward`). `load_adapter(prompted_model, dir, adapter_name=...)`
 adds a saved adapter to a model that has others.
 
 Saving and loading go through `eptkit.adapter_files` (the file formats): `save_adapter`,
@@ -27,38 +27,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
-from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .adapter_files import AdapterError, read_adapter, write_adapter, write_peft_prompt_tuning
-from .backbones import backbone_facts, check_positions, own_text_positions, positions_from_mask
+from .backbones import backbone_facts, check_positions
 from .config import PromptTuningConfig
-from .heads import apply_head, classification_loss, find_head_name, pool
+from .forward import embed, prompted_forward, prompted_generate
+from .heads import find_head_name
 from .methods import build_method
-from .mixed import add_offset, check_text_inputs, mixed_forward, mixed_generate_inputs
-from .prefix import CompiledPrefix, causal_forward, generate_with_prefix, generation_applies, prefix_applies
+from .methods.folded import CompiledPrompt, FoldedPrompt  # noqa: F401 (CompiledPrompt: the old name)
 from .task_types import detect_task_type
 from .trainable import AdapterStateMixin
-
-
-class CompiledPrompt(nn.Module):
-    """A trained adapter's prompt side folded into constants: (P_out, D) as buffers (docs/method.md,
-    "Compiling")."""
-
-    def __init__(self, prompt: torch.Tensor, offset: torch.Tensor | None):
-        super().__init__()
-        self.register_buffer("prompt_embeddings", prompt.detach().clone())
-        self.register_buffer("offset", None if offset is None else offset.detach().clone())
-        self.prefix = CompiledPrefix()  # decoder-only: the prompt's keys/values, kept between calls
-
-    def forward(self):
-        return self.prompt_embeddings, self.offset
-
-    def param_groups(self):
-        return {}
 
 
 def decide_defaults(config: PromptTuningConfig, backbone: nn.Module, task_type: str, tokenizer) -> PromptTuningConfig:
@@ -172,8 +155,14 @@ class PromptedModel(AdapterStateMixin, nn.Module):
         return getattr(self.config, "max_length", None)
 
     @property
+    def is_folded(self) -> bool:
+        """Whether the active adapter's prompt side is folded into constants (`fold_prompt`)."""
+        return isinstance(self.method, FoldedPrompt)
+
+    @property
     def is_compiled(self) -> bool:
-        return isinstance(self.method, CompiledPrompt)
+        """The older name of `is_folded`."""
+        return self.is_folded
 
     @property
     def pooling(self) -> str | None:
@@ -205,30 +194,12 @@ class PromptedModel(AdapterStateMixin, nn.Module):
     def prompt_and_offset(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.method()
 
-    def _text_embeds(self, input_ids, attention_mask, offset_mask=None):
-        """(prompt, E + D, the text's mask). D's row for a token is its position counted from the
-        text's first real token (cumsum of the attention mask), so left padding, right padding and
-        dynamic padding give the same result. `offset_mask` limits the offset to some tokens (the
-        source, for causal LMs)."""
-        attention_mask = check_text_inputs(input_ids, attention_mask)
-        prompt, offset = self.prompt_and_offset()
-        embeds = self.word_embeddings(input_ids)
-        if offset is not None:
-            embeds = add_offset(embeds, attention_mask, offset, offset_mask)
-        return prompt, embeds, attention_mask
-
     def _embed(self, input_ids, attention_mask, offset_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """[prompt ; E + D] and its attention mask."""
-        prompt, embeds, attention_mask = self._text_embeds(input_ids, attention_mask, offset_mask)
-        batch = input_ids.shape[0]
-        prompts = prompt.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
-        inputs_embeds = torch.cat([prompts, embeds], dim=1)
-        prompt_mask = attention_mask.new_ones(batch, prompt.shape[0])
-        return inputs_embeds, torch.cat([prompt_mask, attention_mask], dim=1)
-
-    def _prefix(self, dtype):
-        """A compiled adapter's ready-made key/value prefix (None: compute it in the call)."""
-        return self.method.prefix.get(self.backbone, self.method.prompt_embeddings, dtype) if self.is_compiled else None
+        """[prompt ; E + D] and its attention mask, for the active adapter (`eptkit.forward.embed`). D's
+        row for a token is its position counted from the text's first real token (cumsum of the attention
+        mask), so left padding, right padding and dynamic padding give the same result."""
+        x = embed(self, input_ids, attention_mask, offset_mask=offset_mask)
+        return x.inputs_embeds, x.attention_mask
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -240,60 +211,13 @@ class PromptedModel(AdapterStateMixin, nn.Module):
         adapter_names: list[str] | None = None,
         **kwargs: Any,
     ):
-        """adapter_names: one adapter name per row (a mixed batch, `eptkit.mixed`); default: the active adapter."""
+        """adapter_names: one adapter name per row (a mixed batch); default: the active adapter. One
+        code path either way (`eptkit.forward`)."""
         for unsupported in ("inputs_embeds", "position_ids", "past_key_values", "cache"):
             if kwargs.get(unsupported) is not None:
                 raise ValueError(f"{unsupported}: not supported; pass input_ids and attention_mask")
             kwargs.pop(unsupported, None)
-        if adapter_names is not None:
-            return mixed_forward(self, adapter_names, input_ids, attention_mask, labels, token_type_ids, **kwargs)
-        if self.task_type == "classification":
-            return self._forward_classification(input_ids, attention_mask, labels, token_type_ids, **kwargs)
-        if self.task_type == "seq2seq":
-            inputs_embeds, mask = self._embed(input_ids, attention_mask)
-            labels = None if labels is None else labels.contiguous()  # T5 views labels
-            return self.backbone(inputs_embeds=inputs_embeds, attention_mask=mask, labels=labels, **kwargs)
-        # causal
-        offset_mask = None if labels is None else labels.eq(-100)
-        if prefix_applies(self, self.config.prompt_length, kwargs):  # the prompt's keys/values once per batch
-            prompt, embeds, mask = self._text_embeds(input_ids, attention_mask, offset_mask)
-            return causal_forward(self, prompt, embeds, mask, labels, self._prefix(embeds.dtype), **kwargs)
-        inputs_embeds, mask = self._embed(input_ids, attention_mask, offset_mask)
-        if labels is not None:
-            prompt_labels = labels.new_full((labels.shape[0], inputs_embeds.shape[1] - labels.shape[1]), -100)
-            labels = torch.cat([prompt_labels, labels], dim=1)
-        # Positions from the mask, as `generate` computes them, so a left-padded row scores exactly
-        # as it would alone.
-        position_ids = positions_from_mask(mask)
-        return self.backbone(
-            inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids, labels=labels, **kwargs
-        )
-
-    def _forward_classification(self, input_ids, attention_mask, labels, token_type_ids, **kwargs):
-        inputs_embeds, mask = self._embed(input_ids, attention_mask)
-        n_prompt = inputs_embeds.shape[1] - input_ids.shape[1]
-        model_kwargs = dict(kwargs)
-        if token_type_ids is not None:
-            model_kwargs["token_type_ids"] = torch.cat(
-                [token_type_ids.new_zeros(token_type_ids.shape[0], n_prompt), token_type_ids], dim=1
-            )
-        if self.config.text_positions == "own":
-            # The text at the positions it has without a prompt; the prompt keeps the first l. A fresh
-            # prompt then disturbs the frozen features far less (benchmarks/fresh_prompt.py).
-            text_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-            model_kwargs["position_ids"] = own_text_positions(self.backbone, text_mask, n_prompt)
-        if self.pooling == "backbone" and not hasattr(self.backbone, "score"):
-            # Encoder heads read position 0 (the first virtual token), exactly as PEFT does.
-            return self.backbone(inputs_embeds=inputs_embeds, attention_mask=mask, labels=labels, **model_kwargs)
-
-        base = self.backbone.base_model
-        if hasattr(self.backbone, "score") and "position_ids" not in model_kwargs:
-            model_kwargs["position_ids"] = positions_from_mask(mask)
-        hidden = base(inputs_embeds=inputs_embeds, attention_mask=mask, **model_kwargs).last_hidden_state
-        pooled = pool(hidden, mask, n_prompt, self.pooling)
-        logits = apply_head(self.backbone, self.heads[self.active_adapter], pooled)
-        loss = None if labels is None else classification_loss(self.backbone.config, logits, labels)
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        return prompted_forward(self, adapter_names, input_ids, attention_mask, labels, token_type_ids, **kwargs)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -304,25 +228,17 @@ class PromptedModel(AdapterStateMixin, nn.Module):
         adapter_names: one adapter per row (a mixed batch); default: the active adapter."""
         if self.task_type == "classification":
             raise TypeError("generate: a sequence classifier does not generate; call the model for logits")
-        if adapter_names is not None:
-            inputs_embeds, mask = mixed_generate_inputs(self, adapter_names, input_ids, attention_mask)
-        elif generation_applies(self, self.config.prompt_length, kwargs):
-            prompt, embeds, mask = self._text_embeds(input_ids, attention_mask)
-            return generate_with_prefix(self, prompt, embeds, mask, self._prefix(embeds.dtype), **kwargs)
-        else:
-            inputs_embeds, mask = self._embed(input_ids, attention_mask)
-        return self.backbone.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)
+        return prompted_generate(self, adapter_names, input_ids, attention_mask, **kwargs)
 
-    # ------------------------------------------------------------------ compile / save / load
+    # ------------------------------------------------------------------ fold / save / load
     @torch.no_grad()
     def fold_prompt(self) -> "PromptedModel":
         """An inference-only model (sharing this backbone and head) whose prompt and offset are
         constant tensors: EPT's fusion and projection cost nothing per step. This is what a
-        "compiled" adapter holds; the result has `is_compiled` True. Nothing is compiled in
-        torch's sense and this model is left as it was."""
+        folded adapter file holds; the result has `is_folded` True. This model is left as it was."""
         prompt, offset = self.prompt_and_offset()
         name = self.active_adapter
-        folded = PromptedModel(self.backbone, self.config, adapter_name=name, method=CompiledPrompt(prompt, offset))
+        folded = PromptedModel(self.backbone, self.config, adapter_name=name, method=FoldedPrompt(prompt, offset))
         if self.head_name is not None:  # share the trained head, not a fresh copy of the pretrained one
             folded.heads[name] = self.heads[name]
             folded.set_adapter(name)
@@ -331,6 +247,8 @@ class PromptedModel(AdapterStateMixin, nn.Module):
     def compile(self) -> "PromptedModel":  # type: ignore[override]
         """Deprecated name of `fold_prompt()`, kept working for existing code. Unlike torch's
         `nn.Module.compile` it compiles nothing in place; for that, call `torch.compile(model)`."""
+        warnings.warn("PromptedModel.compile() is deprecated: call fold_prompt() (torch.compile(model) compiles)",
+                      DeprecationWarning, stacklevel=2)
         return self.fold_prompt()
 
     def save_pretrained(self, directory, **kwargs) -> None:
@@ -349,19 +267,21 @@ def get_prompted_model(model: nn.Module, config: PromptTuningConfig, *, tokenize
 
 
 # ---------------------------------------------------------------------------- adapters on disk
-def save_adapter(model: PromptedModel, directory, *, compiled: bool | None = None):
-    """Save the active adapter of `model` to `directory` (created if needed); compiled=True folds
-    the prompt side into constants first (`fold_prompt`)."""
-    compiled = model.is_compiled if compiled is None else compiled
+def save_adapter(model: PromptedModel, directory, *, folded: bool | None = None, compiled: bool | None = None):
+    """Save the active adapter of `model` to `directory` (created if needed); folded=True folds the
+    prompt side into constants first (`fold_prompt`). `compiled` is the older name of `folded`. The
+    file marks a folded adapter "compiled": true (the format's key, read by every eptkit version)."""
+    folded = compiled if folded is None else folded
+    folded = model.is_folded if folded is None else folded
     state = model.adapter_state_dict()
-    if compiled and not model.is_compiled:
+    if folded and not model.is_folded:
         state = model.fold_prompt().adapter_state_dict()
     config = {
         **model.config.to_dict(),
         **backbone_facts(model.backbone),
         "task_type": model.task_type,
         "head_name": model.head_name,
-        "compiled": bool(compiled),
+        "compiled": bool(folded),
     }
     return write_adapter(directory, config, state)
 
@@ -374,8 +294,8 @@ def load_adapter(model: nn.Module, directory, *, adapter_name: str = "default") 
     mixed batches (`model(..., adapter_names=[...])`)."""
     existing = model if isinstance(model, PromptedModel) else None
     files = read_adapter(directory, model.backbone if existing is not None else model)
-    if files.compiled:
-        method, build = CompiledPrompt(files.tensors["prompt_embeddings"], files.tensors.get("offset")), files.config
+    if files.folded:
+        method, build = FoldedPrompt(files.tensors["prompt_embeddings"], files.tensors.get("offset")), files.config
     else:
         # Random init is overwritten by the load; skip text init so no tokenizer is needed.
         method = None
@@ -396,7 +316,7 @@ def load_adapter(model: nn.Module, directory, *, adapter_name: str = "default") 
             remove_adapter(prompted, adapter_name)
         raise AdapterError(f"{files.weights_path}: {e}") from None
     prompted.set_adapter(active)
-    return prompted.eval() if files.compiled and existing is None else prompted
+    return prompted.eval() if files.folded and existing is None else prompted
 
 
 def remove_adapter(model: PromptedModel, name: str) -> None:
@@ -418,18 +338,18 @@ def fold_adapter(model: PromptedModel, name: str) -> None:
     """Fold adapter `name`'s prompt side into constants in place (what `fold_prompt` does for a copy of the
     active adapter): inference only, EPT's fusion and projection then cost nothing per batch."""
     method = model.adapters[name]
-    if not isinstance(method, CompiledPrompt):
+    if not isinstance(method, FoldedPrompt):
         was_training = method.training
         prompt, offset = method.eval()()
         method.train(was_training)
-        model.adapters[name] = CompiledPrompt(prompt, offset)
+        model.adapters[name] = FoldedPrompt(prompt, offset)
 
 
 def export_peft(model: PromptedModel, directory):
     """Write the active PT adapter in PEFT's prompt-tuning format (loadable by `PeftModel.from_pretrained`)."""
     if model.config.method != "pt":
         raise ValueError(f"export to PEFT: only prompt tuning ('pt') has a PEFT equivalent, not "
-                         f"{model.config.method!r}; use the compiled format (eptkit export --format compiled)")
+                         f"{model.config.method!r}; use the folded format (eptkit export --format folded)")
     # PEFT's classifiers read the backbone's own head (pooling='backbone') with the text after the prompt.
     peft_layout = {"pooling": "backbone", "text_positions": "after_prompt"}
     used = {"pooling": model.pooling, "text_positions": model.config.text_positions}
@@ -439,7 +359,7 @@ def export_peft(model: PromptedModel, directory):
             "export to PEFT: this adapter uses " + ", ".join(f"{k}={used[k]!r}" for k in differ)
             + "; PEFT only reproduces " + " and ".join(f"{k}={peft_layout[k]!r}" for k in differ)
             + ". Train with `--method pt " + " ".join(f"--{k.replace('_', '-')} {peft_layout[k]}" for k in differ)
-            + "` for a PEFT-exportable adapter, or export --format compiled")
+            + "` for a PEFT-exportable adapter, or export --format folded")
     state = model.adapter_state_dict()
     prompt = state.pop("prompt_embeddings")
     return write_peft_prompt_tuning(directory, prompt, state, task_type=model.task_type, backbone=model.backbone,

@@ -30,12 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batching import length_groups
-from .checkpoint import rng_state
 from .config import TrainConfig
 from .heads import classification_loss
-from .runs import prepare_output_dir
 from .tasks.formatting import IGNORE_INDEX, MODEL_INPUT_KEYS
-from .train import Trainer, _StopFlag
+from .train import InterruptFlag, Trainer
 
 __all__ = ["RunSpec", "MultiTrainer", "train_runs", "rows_loss_sum", "loss_items"]
 
@@ -56,6 +54,7 @@ class _RunTrainer(Trainer):
 
     def __init__(self, model, tokenizer, run: RunSpec, accelerator):
         self.adapter_name = run.name
+        self.label = f"{run.name}: "
         model.set_adapter(run.name)
         super().__init__(model, tokenizer, run.task, run.data, run.config, run_info=run.run_info,
                          accelerator=accelerator)
@@ -66,34 +65,15 @@ class _RunTrainer(Trainer):
         model.set_adapter(self.adapter_name)
         return model
 
-    def _own_modules(self, model) -> nn.Module:
+    def own_modules(self, model) -> nn.Module:
+        """This run's adapter and head: the regression bias looked for (and the loss scale) is its head's."""
         own = nn.ModuleDict({"adapter": model.adapters[self.adapter_name]})
         if self.adapter_name in model.heads:
             own["head"] = model.heads[self.adapter_name]
         return own
 
-    def _trainable_parameters(self):
-        return self._own_modules(self.unwrapped).parameters()
-
-    def _own(self, model) -> nn.Module:
-        # The regression bias looked for (and the loss scale) is this run's head's only.
-        return self._own_modules(model)
-
-    def begin(self) -> None:
-        """What `Trainer.run` does before its first step: output directory, resume, Ctrl-C bookkeeping."""
-        resume_from = prepare_output_dir(self.output_dir, self.config, self.run_info, self.accelerator)
-        if resume_from is not None:
-            self.load_checkpoint(resume_from)
-            self.report.print(f"{self.adapter_name}: resumed from {resume_from} (step {self.state.step})")
-        self._rng_after_step, self._position_after_step = rng_state(), (self.state.epoch, self.state.batch)
-        self._updating = False
-
-    def next_rows(self) -> list[dict]:
-        """This run's next micro-batch, as encoded rows (its own data order, as `Trainer` takes it)."""
-        s = self.state
-        indices = self.plan.rows(s.epoch, s.batch)
-        s.epoch, s.batch = self.plan.advance(s.epoch, s.batch)
-        return [self.encoded["train"][i] for i in indices]
+    def trainable_parameters(self):
+        return self.own_modules(self.unwrapped).parameters()
 
 
 def rows_loss_sum(task_type: str, config, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -195,11 +175,11 @@ class MultiTrainer:
         for t in self.trainers:
             t.begin()
         stopped = {t: False for t in self.trainers}
-        active = [t for t in self.trainers if t.state.step < t.config.max_steps]
+        active = [t for t in self.trainers if not t.done]
         n_micro = self.trainers[0].config.gradient_accumulation_steps
         self.model.train()
         try:
-            with _StopFlag() as stop:
+            with InterruptFlag() as stop:
                 while active:
                     if stop.requested:
                         raise KeyboardInterrupt
@@ -210,17 +190,16 @@ class MultiTrainer:
                         for t, rows, loss in zip(active, batches, self._forward_backward(active, batches, 1.0 / n_micro)):
                             losses[t].append(loss)
                             tokens[t] += sum(len(r["input_ids"]) for r in rows)
-                    updates = {t: t._optimizer_step() for t in active}
+                    updates = {t: t.update() for t in active}
                     step_time = time.perf_counter() - t0  # the joint step: every run records it as its own
                     for t in active:
-                        grad_norm, lrs = updates[t]
-                        stopped[t] = t._after_step(time.perf_counter() - step_time, losses[t], tokens[t], grad_norm, lrs)
-                    active = [t for t in active if not stopped[t] and t.state.step < t.config.max_steps]
+                        stopped[t] = t.end_step(step_time, losses[t], tokens[t], *updates[t])
+                    active = [t for t in active if not stopped[t] and not t.done]
         except KeyboardInterrupt:
             for t in active:
-                t._on_interrupt()
+                t.interrupted()
             raise
-        return [t._finish(stopped[t]) for t in self.trainers]
+        return [t.finish(stopped[t]) for t in self.trainers]
 
 
 def train_runs(model, tokenizer, runs: list[RunSpec], *, accelerator=None,

@@ -12,7 +12,7 @@ as in the plain path; it costs one token per row.
 This is the plain path's computation, reordered: logits, loss and gradients (the expanded cache
 sums every row's gradient back into the one prefix) agree to float rounding. The output's logits
 cover the text tokens only (the plain path's also cover the virtual tokens, which nothing reads).
-A compiled adapter's prefix does not change between calls: `CompiledPrefix` keeps it.
+A folded adapter's prefix does not change between calls: `FoldedPrefix` keeps it.
 """
 
 from __future__ import annotations
@@ -55,15 +55,15 @@ def has_active_dropout(backbone: nn.Module) -> bool:
     return False
 
 
-def prefix_applies(model, prompt_length: int, kwargs: dict) -> bool:
+def prefix_applies(model, adapter_config, kwargs: dict) -> bool:
     """Whether the shared prefix gives exactly the plain path's result for this call of `model`
-    (a PromptedModel on a causal backbone, one adapter for the whole batch)."""
+    (a PromptedModel on a causal backbone, one adapter, configured by `adapter_config`, for the whole batch)."""
     backbone = model.backbone
     config = backbone.config
     return (
         model.task_type == "causal"
-        and getattr(model.config, "shared_prefix", True)
-        and prompt_length >= 2
+        and getattr(adapter_config, "shared_prefix", True)
+        and adapter_config.prompt_length >= 2
         and getattr(config, "sliding_window", None) is None  # a sliding cache drops old keys differently
         and not _checkpointing(backbone)  # which turns the cache off
         and not any(kwargs.get(name) for name in _PLAIN_ONLY)
@@ -89,15 +89,15 @@ def expanded_cache(prefix: list[tuple[torch.Tensor, torch.Tensor]], batch: int) 
     return cache
 
 
-class CompiledPrefix:
-    """The prefix of a compiled (constant) prompt, computed once per device and dtype and reused:
-    a compiled adapter over a frozen backbone is a ready-made key/value prefix."""
+class FoldedPrefix:
+    """The prefix of a folded (constant) prompt, computed once per device and dtype and reused:
+    a folded adapter over a frozen backbone is a ready-made key/value prefix."""
 
     def __init__(self):
         self._stored: dict[tuple, list] = {}
 
     def get(self, backbone: nn.Module, prompt: torch.Tensor, dtype: torch.dtype):
-        """The prefix of `prompt` (the compiled buffer) cast to `dtype`; recomputed when the buffer
+        """The prefix of `prompt` (the folded buffer) cast to `dtype`; recomputed when the buffer
         was written to since (its version counter moves), or device, dtype or autocast changed."""
         device = prompt.device.type
         autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
@@ -113,7 +113,7 @@ def causal_forward(model, prompt: torch.Tensor, embeds: torch.Tensor, mask: torc
                    labels: torch.Tensor | None, prefix=None, **kwargs):
     """The backbone's output for [prompt ; embeds] (embeds: the text's E + D, batch x n x d; mask:
     the text's attention mask), with the prompt as a shared key/value prefix; logits of the text only.
-    `prefix` is a precomputed `compute_prefix` result (a compiled adapter's)."""
+    `prefix` is a precomputed `compute_prefix` result (a folded adapter's)."""
     batch, length = embeds.shape[0], prompt.shape[0]
     prompt = prompt.to(embeds.dtype)
     if prefix is None:
@@ -146,10 +146,10 @@ def generate_with_prefix(model, prompt: torch.Tensor, embeds: torch.Tensor, mask
     return model.backbone.generate(inputs_embeds=inputs, attention_mask=full_mask, **cache, **kwargs)
 
 
-def generation_applies(model, prompt_length: int, kwargs: dict) -> bool:
+def generation_applies(model, adapter_config, kwargs: dict) -> bool:
     """The prefix for generate: also one sequence per row (beams and several return sequences grow
     the batch inside generate, past a cache built for the input batch)."""
     config = kwargs.get("generation_config") or model.backbone.generation_config
     widened = any((kwargs.get(name) or getattr(config, name, 1) or 1) > 1
                   for name in ("num_beams", "num_return_sequences"))
-    return not widened and prefix_applies(model, prompt_length, kwargs)
+    return not widened and prefix_applies(model, adapter_config, kwargs)

@@ -1,16 +1,8 @@
-"""A training run's output directory, and using a trained adapter: load, evaluate, predict.
-
-`eptkit.train` writes into output_dir/
-  adapter_config.json, adapter_model.safetensors   the best adapter (baselines: their own files)
-  eptkit_run.json    RUN_INFO_NAME: what evaluate/predict need to rebuild the model (backbone, task...)
-  log.jsonl          LOG_NAME: one line per optimizer step, evaluations included
-  results.json       RESULTS_NAME: the final summary
-  checkpoints/       `eptkit.checkpoint`
-"""
+"""Using what a run trained: read its output directory (`eptkit.run_files`), load the model, evaluate it
+on a split or a file, label a file's rows. `eptkit evaluate`, `predict`, `export` and the server use it."""
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,54 +10,14 @@ from .adapter_files import CONFIG_NAME, AdapterError, read_json
 from .backbones import load_backbone, resolve_model_path
 from .baselines import load_baseline, read_baseline_info
 from .batching import subsample, text_max_length
-from .checkpoint import CHECKPOINTS_DIR, checkpoint_dirs
-from .files import atomic_write_json
 from .evaluation import evaluate_rows, predict_rows
 from .model import load_adapter
 from .task_types import checkpoint_task_type
 from .tasks.errors import DataError
-from .tasks.formatting import encode, encode_rows
+from .run_files import read_run_info
+from .tasks.formatting import encode, encode_input_rows, prediction_label
 from .tasks.loading import check_columns, load_files, load_labelled_file, load_task, read_rows
 from .tasks.registry import TaskSpec, get_task
-
-RUN_INFO_NAME = "eptkit_run.json"
-LOG_NAME = "log.jsonl"
-RESULTS_NAME = "results.json"
-
-
-def prepare_output_dir(output_dir: Path, config, run_info: dict, accelerator) -> Path | None:
-    """Create output_dir for a run and record `run_info` in it; return the checkpoint to resume from.
-
-    Without `config.resume` an earlier run's checkpoints, log and results are removed, but only when
-    `config.overwrite` allows it: a run is never thrown away by accident."""
-    output_dir = Path(output_dir)
-    resume_from = None
-    existing = checkpoint_dirs(output_dir)
-    if config.resume and existing:
-        resume_from = existing[-1]
-    elif existing and not config.overwrite and not config.resume:
-        raise ValueError(f"{output_dir}: holds checkpoints of an earlier run; pass resume=True "
-                         "(--resume) to continue it or overwrite=True (--overwrite) to start again")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if resume_from is None:
-            if (output_dir / CHECKPOINTS_DIR).exists():
-                shutil.rmtree(output_dir / CHECKPOINTS_DIR)
-            for name in (LOG_NAME, RESULTS_NAME):
-                (output_dir / name).unlink(missing_ok=True)
-        atomic_write_json(output_dir / RUN_INFO_NAME, run_info)
-    accelerator.wait_for_everyone()
-    return resume_from
-
-
-def read_run_info(directory) -> dict:
-    """The run facts recorded beside an adapter ({} when there are none: a bare adapter directory)."""
-    path = Path(directory) / RUN_INFO_NAME
-    if not path.is_file():
-        return {}
-    return read_json(path)
-
 
 def task_spec_for(run: dict, task: str | None) -> TaskSpec:
     """The task to use: `task` if given, else the one the run recorded (a user's files keep their spec)."""
@@ -185,24 +137,5 @@ def predict_file(model, tokenizer, spec, run: dict, path, *, batch_size: int = 6
     return [{**row, "prediction": prediction_label(spec, p)} for row, p in zip(raw, preds)]
 
 
-def encode_input_rows(raw: list[dict], spec: TaskSpec, tokenizer, task_type: str, max_length: int, *,
-                      truncation: bool, split: str = "input") -> tuple[list[dict], int]:
-    """Unlabelled rows (the task's text fields, checked) as the model's encoded rows: (rows, number truncated).
-    Shared by `predict_file` and the server (`eptkit.serve`), so both tokenize a row alike."""
-    cols = [{f: r[f] for f in spec.text_fields} for r in raw]
-    for i, (row, r) in enumerate(zip(cols, raw)):
-        row["label"] = 0.0 if spec.is_regression else 0  # the encoder wants a label; predictions ignore it
-        row["idx"] = i
-        if spec.group_field:
-            row[spec.group_field] = str(r.get(spec.group_field, f"row-{i}"))
-    return encode_rows(cols, spec, tokenizer, task_type, max_length, truncation=truncation, split=split)
-
-
-def prediction_label(spec: TaskSpec, prediction):
-    """A prediction as `eptkit predict` writes it: the class name, the score (regression), or None."""
-    return prediction if spec.is_regression or prediction is None else spec.label_names[prediction]
-
-
-__all__ = ["RUN_INFO_NAME", "LOG_NAME", "RESULTS_NAME", "prepare_output_dir", "read_run_info", "task_spec_for",
-           "TrainedAdapter", "read_trained", "load_trained", "run_text_max_length", "evaluate_trained", "predict_file",
-           "encode_input_rows", "prediction_label"]
+__all__ = ["task_spec_for", "TrainedAdapter", "read_trained", "load_trained", "run_text_max_length",
+           "evaluate_trained", "predict_file"]

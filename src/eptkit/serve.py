@@ -62,7 +62,7 @@ class ServeConfig:
     max_rows: int = field(default=64, metadata={"help": "Most rows in one request (more: 413)."})
     max_body_bytes: int = field(default=1 << 20, metadata={"help": "Largest request body in bytes (more: 413)."})
     fold: bool = field(default=True, metadata={
-        "help": "Fold each adapter's prompt side into constants at load, as a compiled adapter (the default; "
+        "help": "Fold each adapter's prompt side into constants at load, as a folded adapter file holds it (the default; "
                 "--no-fold keeps the adapters as trained)."})
     log_level: str = field(default="info", metadata={"help": "uvicorn's log level (info logs every request)."})
 

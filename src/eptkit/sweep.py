@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .backbones import load_backbone, resolve_model_path
-from .config import CONFIG_CLASSES
 from .model import PromptedModel
 from .multirun import RunSpec, train_runs
-from .recipes import DOC_KEYS, read_options_file
+from .options import UsageError, build_configs, load_data, method_fields, read_sweep, run_info
+from .registry import config_classes, prompt_methods
 from .task_types import checkpoint_task_type
 
 
@@ -37,50 +37,22 @@ def parse_seeds(value) -> list[int]:
     return seeds
 
 
-def read_sweep(path, valid_keys: set[str]) -> list[tuple[str, dict]]:
-    """(name, options) per run of a sweep file; option names as on the command line or in a recipe."""
-    path = Path(path)
-    data = read_options_file(path, "sweep file")
-    runs = data.get("runs") if isinstance(data, dict) else None
-    extra = sorted(k for k in (data if isinstance(data, dict) else {}) if k != "runs" and k not in DOC_KEYS
-                   and not k.startswith("_"))
-    if not isinstance(runs, list) or not runs or not all(isinstance(r, dict) for r in runs) or extra:
-        raise ValueError(f"{path}: a sweep file is {{\"runs\": [{{option: value, ...}}, ...]}} (shared options go "
-                         "on the command line or in --config)")
-    out = []
-    for i, entry in enumerate(runs):
-        options = {}
-        for key, value in entry.items():
-            name = key.lstrip("-").replace("-", "_")
-            if name == "no_fusion":
-                name, value = "fusion", not value
-            if name == "name" or name in DOC_KEYS:
-                continue
-            if name not in valid_keys or name in ("seeds", "sweep", "config", "output_dir"):
-                raise ValueError(f"{path}: run {i}: option {key!r} cannot be set per run")
-            options[name] = value
-        name = str(entry.get("name") or f"run-{i}")
-        if "." in name or not name.strip("/") or name in {n for n, _ in out}:
-            raise ValueError(f"{path}: run {i}: name {name!r} must be unique, non-empty and without '.'")
-        out.append((name, options))
-    return out
-
-
-def expand_runs(options: dict[str, Any], valid_keys: set[str]) -> list[tuple[str, dict]]:
+def expand_runs(options: dict[str, Any]) -> list[tuple[str, dict]]:
     """(name, resolved options with output_dir) for every run of --seeds and/or --sweep."""
     from .config import TrainConfig
 
     base = {k: v for k, v in options.items() if k not in ("seeds", "sweep")}
     root = Path(base.get("output_dir") or TrainConfig().output_dir)
-    entries = read_sweep(options["sweep"], valid_keys) if options.get("sweep") else [("", {})]
+    entries = read_sweep(options["sweep"]) if options.get("sweep") else [("", {})]
     seeds = parse_seeds(options["seeds"]) if options.get("seeds") is not None else [None]
     runs = []
-    method_fields = {f.name for cls in CONFIG_CLASSES.values() for f in dataclasses.fields(cls)} - {"max_length"}
+    classes = config_classes()
+    prompt_options = set(method_fields()) - {"max_length"}
     for name, overrides in entries:
         method = overrides.get("method", base.get("method", "ept"))
-        own = {f.name for f in dataclasses.fields(CONFIG_CLASSES[method])} if method in CONFIG_CLASSES else set()
+        own = {f.name for f in dataclasses.fields(classes[method])} if method in classes else set()
         # a shared option of another method (--rank for a PT run) does not apply to this run
-        shared = {k: v for k, v in base.items() if k not in method_fields - own}
+        shared = {k: v for k, v in base.items() if k not in prompt_options - own}
         for seed in seeds:
             run = {**shared, **overrides}
             parts = [p for p in (name, None if seed is None else f"seed-{seed}") if p]
@@ -113,24 +85,21 @@ def shared_prompted_model(model_path: str, task_type: str, runs: list[tuple[str,
     return model, tokenizer
 
 
-def train_sweep(options: dict[str, Any], *, build_configs: Callable, load_data: Callable,
-                valid_keys: set[str]) -> list[dict]:
-    """Train the runs of --seeds / --sweep (the CLI passes its option parsing: `build_configs(options)` ->
-    (method config, TrainConfig), `load_data(options, seed)` -> (data, spec)); returns each run's results."""
-    planned, groups = expand_runs(options, valid_keys), {}
+def train_sweep(options: dict[str, Any]) -> list[dict]:
+    """Train the runs of --seeds / --sweep (options resolved by `eptkit.options.resolve`); returns each
+    run's results."""
+    planned, groups = expand_runs(options), {}
     for name, run in planned:
-        if run.get("method", "ept") not in CONFIG_CLASSES:
-            raise ValueError(f"method: several runs in one process train {', '.join(CONFIG_CLASSES)} adapters, "
+        if run.get("method", "ept") not in prompt_methods():
+            raise UsageError(f"method: several runs in one process train {', '.join(prompt_methods())} adapters, "
                              f"not {run['method']!r} (run {name or 'seed'}); train it on its own")
         method_config, train_config = build_configs(run)
         data, spec = load_data(run, train_config.seed)
         model_path = resolve_model_path(run.get("model"))
         task_type = checkpoint_task_type(model_path, run.get("task_type") or "auto")
         key = (model_path, task_type) + ((spec.num_labels, spec.is_regression) if task_type == "classification" else ())
-        run_info = {"backbone": model_path, "tokenizer": model_path, "task_type": task_type,
-                    "num_labels": spec.num_labels, "method": run.get("method", "ept"), "data_dir": run.get("data_dir"),
-                    "k_shot": run.get("k_shot")}
-        groups.setdefault(key, []).append((name, method_config, train_config, data, spec, run_info))
+        info = run_info(run, model_path, task_type, spec)
+        groups.setdefault(key, []).append((name, method_config, train_config, data, spec, info))
     results = []
     for (model_path, task_type, *_), group in groups.items():
         model, tokenizer = shared_prompted_model(model_path, task_type,

@@ -18,7 +18,7 @@ The parts live in their own modules, in the order the loop uses them:
 - evaluation (`eptkit.evaluation`) every `eval_steps` and at the last step on the validation split;
   the best adapter is kept (and written to output_dir when it improves); optional early stopping;
   at the end the best adapter is evaluated on the test split.
-- files (main process only; `eptkit.runs` names them): the best adapter, eptkit_run.json, log.jsonl
+- files (main process only; `eptkit.run_files` names them): the best adapter, eptkit_run.json, log.jsonl
   (one line per optimizer step), results.json, and checkpoints (`eptkit.checkpoint`).
 - resume (`resume=True`) continues from the newest checkpoint; the result equals an uninterrupted
   run with the same seed. Ctrl-C (SIGINT) stops at the end of the current step, writes a checkpoint
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -44,17 +43,17 @@ from .batching import BatchPlan, encode_splits, text_max_length
 from .checkpoint import RunState, load_checkpoint, rng_state, save_checkpoint
 from .config import TrainConfig
 from .evaluation import evaluate_rows, main_metric
-from .files import atomic_write_json, atomic_write_lines, round_floats
+from .files import atomic_write_json
+from .reporting import Report, peak_memory_mb, run_results
 from .optim import group_lrs, make_optimizer, make_scheduler, standardize_regression
-from .runs import LOG_NAME, RESULTS_NAME, prepare_output_dir
+from .run_files import LOG_NAME, RESULTS_NAME, prepare_output_dir, trim_log
 from .tasks.formatting import MODEL_INPUT_KEYS, Collator
 from .tasks.registry import get_task
 from .trainable import TrainableModel
-from .version import __version__
 
 logger = logging.getLogger("eptkit")
 
-__all__ = ["TrainConfig", "Trainer", "train"]
+__all__ = ["TrainConfig", "Trainer", "InterruptFlag", "train"]
 
 
 def _describe_run(spec, model, config: TrainConfig, extra: dict | None) -> dict:
@@ -86,19 +85,13 @@ class Trainer:
 
     def __init__(self, model: TrainableModel, tokenizer, task, data, config: TrainConfig, *, run_info: dict | None = None,
                  callbacks: list[Callable[[dict], None]] | None = None, accelerator=None):
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         self.config = config
         self.spec = get_task(task)
         self.tokenizer = tokenizer
         self.callbacks = list(callbacks or [])
-        if accelerator is None:
-            # Several processes on a machine without a GPU (torchrun / `accelerate launch --multi_gpu`):
-            # accelerate only picks its multi-CPU (gloo) mode when told cpu=True.
-            cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-            accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=cpu)
-        self.accelerator = acc = accelerator
+        self.accelerator = acc = accelerator or _accelerator(config)
         self.is_main = acc.is_main_process
         if not self.is_main:  # one copy of the data warnings, not one per process
             logger.setLevel(logging.ERROR)
@@ -112,7 +105,7 @@ class Trainer:
         self.truncated: dict[str, int] = {}  # split -> rows cut to the text length (results.json)
         self.encoded = encode_splits(data, self.spec, tokenizer, model, config, self.truncated)  # split -> rows
         self.run_info = _describe_run(self.spec, model, config, run_info)
-        self.loss_scale = _regression_loss_scale(self.spec, model.task_type, self._own(model), config,
+        self.loss_scale = _regression_loss_scale(self.spec, model.task_type, self.own_modules(model), config,
                                                  self.encoded["train"])
         lrs = group_lrs(model, config)
         self.run_info["lr_absolute"] = {k: float(f"{v:.4g}") for k, v in lrs.items()}
@@ -124,11 +117,12 @@ class Trainer:
         self.collate = Collator(tokenizer, model.task_type)
         self.state = RunState()  # saved and restored with every checkpoint
         self.best_state: dict[str, torch.Tensor] | None = None  # the best adapter's tensors (CPU)
-        self.report = _Report(self.output_dir / LOG_NAME, self.is_main)
+        self.report = Report(self.output_dir / LOG_NAME, self.is_main)
 
     # -------------------------------------------------------------- helpers
-    def _own(self, model):
-        """This run's trainable modules (the whole model; one adapter's in several runs per process)."""
+    def own_modules(self, model):
+        """This run's trainable modules (the whole model; one adapter's in several runs per process). A hook
+        that eptkit.multirun overrides, as it does `trainable_parameters`."""
         return model
 
     @property
@@ -138,7 +132,7 @@ class Trainer:
     def _cpu_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.unwrapped.adapter_state_dict().items()}
 
-    def _checkpoint_meta(self) -> dict:
+    def checkpoint_meta(self) -> dict:
         config = self.unwrapped.method_config
         return {"config": self.config.to_dict(), "method_config": config.to_dict() if config is not None else None,
                 "method": self.run_info["method"]}
@@ -149,18 +143,14 @@ class Trainer:
         return save_checkpoint(self.output_dir, self.state, accelerator=self.accelerator,
                                trainable=self._cpu_state() if self.is_main else None, best=self.best_state,
                                optimizer=self.optimizer, scheduler=self.scheduler, rng=rng,
-                               meta=self._checkpoint_meta(), keep=self.config.save_total_limit)
+                               meta=self.checkpoint_meta(), keep=self.config.save_total_limit)
 
     def load_checkpoint(self, directory: Path) -> None:
         self.state, self.best_state = load_checkpoint(
-            directory, accelerator=self.accelerator, config=self.config, meta=self._checkpoint_meta(),
+            directory, accelerator=self.accelerator, config=self.config, meta=self.checkpoint_meta(),
             model=self.unwrapped, optimizer=self.optimizer, scheduler=self.scheduler)
-        if self.is_main:  # drop log lines of steps after the checkpoint (they will be redone)
-            log = self.output_dir / LOG_NAME
-            if log.is_file():
-                kept = [ln for ln in log.read_text().splitlines() if ln.strip() and
-                        json.loads(ln).get("step", 0) <= self.state.step]
-                atomic_write_lines(log, kept)
+        if self.is_main:  # steps after the checkpoint will be redone
+            trim_log(self.output_dir, self.state.step)
 
     # -------------------------------------------------------------- evaluation
     def evaluate(self, split: str = "validation") -> dict[str, float]:
@@ -182,8 +172,15 @@ class Trainer:
         return False
 
     # -------------------------------------------------------------- one step
-    def _forward_backward(self, indices: list[int], scale: float, sync: bool) -> tuple[float, int]:
-        batch = self.collate([self.encoded["train"][i] for i in indices])
+    def next_rows(self) -> list[dict]:
+        """The next micro-batch of this run's own data order, as encoded rows; advances the data position."""
+        s = self.state
+        indices = self.plan.rows(s.epoch, s.batch)
+        s.epoch, s.batch = self.plan.advance(s.epoch, s.batch)
+        return [self.encoded["train"][i] for i in indices]
+
+    def _forward_backward(self, rows: list[dict], scale: float, sync: bool) -> tuple[float, int]:
+        batch = self.collate(rows)
         inputs = {k: v.to(self.accelerator.device) for k, v in batch.items() if k in MODEL_INPUT_KEYS}
         # Gradients are all-reduced between processes only on the last micro-batch of a step.
         with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model):
@@ -192,16 +189,16 @@ class Trainer:
             self.accelerator.backward(loss * scale)
         return float(loss.detach()), int(batch["attention_mask"].sum())
 
-    def _trainable_parameters(self):
+    def trainable_parameters(self):
         """What gradient clipping measures (eptkit.multirun: one run's adapter of a shared model)."""
         return self.model.parameters()
 
-    def _optimizer_step(self) -> tuple[float | None, dict[str, float]]:
+    def update(self) -> tuple[float | None, dict[str, float]]:
         """Clip the gradient, update the weights, advance the schedule; return (grad norm, the rates used)."""
         cfg, acc = self.config, self.accelerator
         grad_norm = None
         if cfg.max_grad_norm > 0:
-            grad_norm = acc.clip_grad_norm_(self._trainable_parameters(), cfg.max_grad_norm)
+            grad_norm = acc.clip_grad_norm_(self.trainable_parameters(), cfg.max_grad_norm)
             grad_norm = float(grad_norm) if grad_norm is not None else None
         lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
         self._updating = True  # a hard interrupt from here on may leave the weights half-updated
@@ -215,26 +212,21 @@ class Trainer:
         self._rng_after_step = rng_state()
         return grad_norm, lrs
 
-    def _after_step(self, t0: float, losses: list[float], tokens: int, grad_norm, lrs) -> bool:
-        """Bookkeeping after an update: log, evaluate, checkpoint, callbacks. Returns True to stop early."""
+    def end_step(self, dt: float, losses: list[float], tokens: int, grad_norm, lrs) -> bool:
+        """Bookkeeping after an update that took `dt` seconds (its micro-batches' `losses`, `tokens` real
+        tokens): log, evaluate, keep the best adapter, checkpoint, callbacks. Returns True to stop early."""
         cfg, acc, s = self.config, self.accelerator, self.state
         loss = sum(losses) / len(losses)
         if acc.num_processes > 1:
             stats = acc.reduce(torch.tensor([loss, float(tokens)], device=acc.device), "sum")
             loss, tokens = float(stats[0]) / acc.num_processes, int(stats[1])
         s.tokens_seen += tokens
-        dt = time.perf_counter() - t0
         s.train_time += dt
         s.step_times.append(dt)
         record = {"step": s.step, "epoch": s.epoch, "loss": loss, "lr": lrs, "grad_norm": grad_norm,
                   "step_time_s": dt, "tokens_per_s": tokens / dt if dt else None,
-                  "peak_memory_mb": _peak_memory_mb(acc.device)}
-        if self.report.bar is not None:
-            self.report.bar.update(1)
-            self.report.bar.set_postfix(loss=f"{loss:.4f}")
-        elif s.step % (cfg.logging_steps or max(1, cfg.max_steps // 20)) == 0 or s.step == cfg.max_steps:
-            self.report.print(f"step {s.step}/{cfg.max_steps}  loss {loss:.4f}  "
-                        f"lr {' '.join(f'{k}={v:.2e}' for k, v in lrs.items())}  {dt:.3f} s/step")
+                  "peak_memory_mb": peak_memory_mb(acc.device)}
+        self.report.progress(s.step, cfg, loss, lrs, dt)
         stop = False
         has_validation = len(self.encoded.get("validation", [])) > 0
         if has_validation and (s.step == cfg.max_steps or (cfg.eval_steps and s.step % cfg.eval_steps == 0)):
@@ -257,69 +249,74 @@ class Trainer:
         return stop
 
     # -------------------------------------------------------------- the loop
-    def run(self) -> dict:
-        cfg, s = self.config, self.state
-        resume_from = prepare_output_dir(self.output_dir, self.config, self.run_info, self.accelerator)
+    # The public seam: begin(), then step() (or next_rows / update / end_step, for a loop that runs the
+    # forward and backward itself, as eptkit.multirun does) until done, finish(); interrupted() on Ctrl-C.
+    label = ""  # prefixes this run's messages (several runs in one process)
+
+    @property
+    def done(self) -> bool:
+        return self.state.step >= self.config.max_steps
+
+    def begin(self) -> None:
+        """Before the first step: the output directory, resume from its newest checkpoint, Ctrl-C bookkeeping."""
+        cfg = self.config
+        resume_from = prepare_output_dir(self.output_dir, cfg, self.run_info, self.accelerator)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
-            s = self.state
-            self.report.print(f"resumed from {resume_from} (step {s.step})")
+            self.report.print(f"{self.label}resumed from {resume_from} (step {self.state.step})")
         elif cfg.resume:
-            self.report.print(f"--resume: no checkpoint in {self.output_dir / 'checkpoints'}; starting a fresh run")
-        self.report.open_bar(cfg.max_steps, s.step)
-        self._rng_after_step, self._position_after_step = rng_state(), (s.epoch, s.batch)
+            self.report.print(f"{self.label}--resume: no checkpoint in {self.output_dir / 'checkpoints'}; "
+                              "starting a fresh run")
+        self._rng_after_step, self._position_after_step = rng_state(), (self.state.epoch, self.state.batch)
         self._updating = False
+
+    def step(self) -> bool:
+        """One optimizer step: forward and backward over its micro-batches (the gradients accumulate),
+        update, bookkeeping. Returns True to stop early."""
+        t0 = time.perf_counter()
+        losses, tokens = [], 0
+        n_micro = self.config.gradient_accumulation_steps
+        for micro in range(n_micro):
+            loss, n_tokens = self._forward_backward(self.next_rows(), 1.0 / n_micro, sync=micro == n_micro - 1)
+            losses.append(loss)
+            tokens += n_tokens
+        grad_norm, lrs = self.update()
+        return self.end_step(time.perf_counter() - t0, losses, tokens, grad_norm, lrs)
+
+    def run(self) -> dict:
+        self.begin()
+        self.report.open_bar(self.config.max_steps, self.state.step)
         stopped_early = False
         self.model.train()
         try:
-            with _StopFlag() as stop:
-                while s.step < cfg.max_steps and not stopped_early:
+            with InterruptFlag() as stop:
+                while not self.done and not stopped_early:
                     # every process stops at the same step boundary after a Ctrl-C
-                    if self._stop_requested(stop):
+                    if _anywhere(stop.requested, self.accelerator):
                         raise KeyboardInterrupt
-                    # forward and backward over the step's micro-batches; the gradients accumulate
-                    t0 = time.perf_counter()
-                    losses, tokens = [], 0
-                    n_micro = cfg.gradient_accumulation_steps
-                    for micro in range(n_micro):
-                        indices = self.plan.rows(s.epoch, s.batch)
-                        loss, n_tokens = self._forward_backward(indices, 1.0 / n_micro, sync=micro == n_micro - 1)
-                        losses.append(loss)
-                        tokens += n_tokens
-                        s.epoch, s.batch = self.plan.advance(s.epoch, s.batch)
-                    # clip, update the weights, advance the learning-rate schedule
-                    grad_norm, lrs = self._optimizer_step()
-                    # log, evaluate and keep the best adapter, checkpoint, callbacks
-                    stopped_early = self._after_step(t0, losses, tokens, grad_norm, lrs)
+                    stopped_early = self.step()
         except KeyboardInterrupt:
-            self._on_interrupt()
+            self.interrupted()
             raise
         self.report.close_bar()
-        return self._finish(stopped_early)
+        return self.finish(stopped_early)
 
-    def _on_interrupt(self) -> None:
+    def interrupted(self) -> None:
         """Ctrl-C: checkpoint the end of the last complete step, unless the interrupt hit the update."""
         self.report.close_bar()
         if self._updating:  # a hard interrupt inside the weight update: the weights may be half-updated
-            self.report.print(f"interrupted during the update of step {self.state.step + 1}; no checkpoint written, "
-                        "--resume continues from the last periodic one")
+            self.report.print(f"{self.label}interrupted during the update of step {self.state.step + 1}; no "
+                              "checkpoint written, --resume continues from the last periodic one")
             return
         # A hard interrupt between micro-batches: forget their data position and gradients.
         self.state.epoch, self.state.batch = self._position_after_step
         self.optimizer.zero_grad(set_to_none=True)
         path = self.save_checkpoint(self._rng_after_step)
-        self.report.print(f"interrupted at step {self.state.step}; checkpoint written to {path}; "
-                    "continue with --resume (resume=True)")
-
-    def _stop_requested(self, stop: _StopFlag) -> bool:
-        flag = stop.requested
-        if self.accelerator.num_processes > 1:  # every process must stop at the same step
-            t = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
-            flag = bool(self.accelerator.reduce(t, "sum").item() > 0)
-        return flag
+        self.report.print(f"{self.label}interrupted at step {self.state.step}; checkpoint written to {path}; "
+                          "continue with --resume (resume=True)")
 
     # -------------------------------------------------------------- before and after
-    def _finish(self, stopped_early: bool) -> dict:
+    def finish(self, stopped_early: bool = False) -> dict:
         """Restore and save the best adapter, score it on the test split, write results.json."""
         acc, s, model = self.accelerator, self.state, self.unwrapped
         if self.best_state is not None:
@@ -332,77 +329,14 @@ class Trainer:
             test_metrics = self.evaluate("test")
             self.report.print(f"test ({self.spec.name}, best step {s.best_step}): "
                         + ", ".join(f"{k} {v:.2f}" for k, v in test_metrics.items()))
-        results = _results(self, stopped_early, test_metrics)
+        results = run_results(self, stopped_early, test_metrics)
         if self.is_main:
             atomic_write_json(self.output_dir / RESULTS_NAME, results)
         acc.wait_for_everyone()
         return results
 
 
-def _results(trainer: Trainer, stopped_early: bool, test_metrics: dict | None) -> dict:
-    """The summary of a finished run (results.json)."""
-    acc, s, model, spec = trainer.accelerator, trainer.state, trainer.unwrapped, trainer.spec
-    n_steps = len(s.step_times)
-    results = {
-        "task": spec.name,
-        "method": trainer.run_info["method"],
-        "task_type": model.task_type,
-        "steps": s.step,
-        "stopped_early": stopped_early,
-        "best_step": s.best_step,
-        "validation": s.best_metrics,
-        "test": test_metrics,
-        "main_metric": spec.main_metric,
-        "trainable_params": int(model.num_parameters(trainable_only=True)),
-        "total_params": int(model.num_parameters(trainable_only=False)),
-        "train_time_s": s.train_time,
-        "mean_step_time_s": (sum(s.step_times) / n_steps) if n_steps else None,
-        "tokens_per_s": s.tokens_seen / s.train_time if s.train_time else None,
-        "peak_memory_mb": _peak_memory_mb(acc.device),
-        "num_processes": acc.num_processes,
-        "num_threads": trainer.num_threads,
-        "device": str(acc.device),
-        "num_examples": {k: len(v) for k, v in trainer.encoded.items()},
-        "truncated": dict(trainer.truncated),
-        "config": {"train": trainer.config.to_dict(), "method": trainer._checkpoint_meta()["method_config"],
-                   "run": trainer.run_info},
-        "versions": _versions(),
-    }
-    results["trainable_percent"] = 100.0 * results["trainable_params"] / max(1, results["total_params"])
-    return round_floats(results)  # 6 decimals
-
-
-class _Report:
-    """Progress for people (a bar on a terminal, else printed lines) and log.jsonl, main process only."""
-
-    def __init__(self, log_path: Path, is_main: bool):
-        self.log_path, self.is_main, self.bar = log_path, is_main, None
-
-    def open_bar(self, total: int, initial: int) -> None:
-        if self.is_main and sys.stderr.isatty():
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
-
-    def close_bar(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-    def print(self, text: str) -> None:
-        if self.is_main:
-            if self.bar is not None:
-                self.bar.write(text, file=sys.stderr)
-            else:
-                print(text, file=sys.stderr, flush=True)
-
-    def log(self, record: dict) -> None:
-        if self.is_main:
-            with open(self.log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-class _StopFlag:
+class InterruptFlag:
     """First SIGINT: stop cleanly at the end of the step. Second: KeyboardInterrupt at once."""
 
     def __init__(self):
@@ -429,6 +363,23 @@ class _StopFlag:
         return False
 
 
+def _accelerator(config: TrainConfig):
+    from accelerate import Accelerator
+
+    # Several processes on a machine without a GPU (torchrun / `accelerate launch --multi_gpu`):
+    # accelerate only picks its multi-CPU (gloo) mode when told cpu=True.
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=config.mixed_precision, cpu=cpu)
+
+
+def _anywhere(flag: bool, accelerator) -> bool:
+    """Whether `flag` is set in any process: every process must stop at the same step."""
+    if accelerator.num_processes > 1:
+        t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+        flag = bool(accelerator.reduce(t, "sum").item() > 0)
+    return flag
+
+
 def _fix_threads() -> int:
     """Pin the intra-op thread count, so that how work (and floating-point sums) is split among
     threads depends on that number alone, never on the machine's load (docs/reproducibility.md).
@@ -442,29 +393,6 @@ def _fix_threads() -> int:
             logger.warning("%s=%s lets the thread count follow the machine's load; runs may then differ in "
                            "their last bits (unset it for bit-identical runs)", var, os.environ[var])
     return n
-
-
-def _versions() -> dict:
-    import accelerate
-    import transformers
-
-    versions = {"eptkit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                "accelerate": accelerate.__version__, "python": sys.version.split()[0]}
-    try:
-        import peft
-
-        versions["peft"] = peft.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    return versions
-
-
-def _peak_memory_mb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def train(model: TrainableModel, tokenizer, task, data, config: TrainConfig | None = None, *, run_info: dict | None = None,

@@ -31,7 +31,7 @@ class TrainableModel(Protocol):
 
     @property
     def method_name(self) -> str:
-        """The method's name, one of `eptkit.config.METHOD_NAMES` ('ept', 'lora', ...)."""
+        """The method's name, a name in `eptkit.registry.METHODS` ('ept', 'lora', ...)."""
 
     @property
     def method_config(self) -> PromptTuningConfig | None:
@@ -47,7 +47,7 @@ class TrainableModel(Protocol):
         """The longest text in tokens the model accepts on its own (DePT/EPT's offset rows), or None."""
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters by learning-rate group; keys are `eptkit.config.LR_FIELDS` names."""
+        """Trainable parameters by learning-rate group; keys are `eptkit.registry.lr_fields()` groups."""
 
     def num_parameters(self, trainable_only: bool = True, exclude_embeddings: bool = False) -> int: ...
 

@@ -7,7 +7,7 @@
 Every weight that touches the prompt starts at zero (g_f, V_k), so at initialisation EPT computes
 exactly what DePT computes (EPTConfig(module_init="random") starts V_k non-zero instead). Nothing
 here depends on the input text: the prompt side of a trained
-adapter folds into two constant tensors (`PromptedModel.fold_prompt`; docs/method.md, "Compiling").
+adapter folds into two constant tensors (`PromptedModel.fold_prompt`; docs/method.md, "Folding").
 """
 
 from __future__ import annotations

@@ -234,3 +234,22 @@ class Collator:
             else:
                 batch[key] = values
         return batch
+
+
+# ---------------------------------------------------------------------------- rows of a request or a file
+def encode_input_rows(raw: list[dict], spec: TaskSpec, tokenizer, task_type: str, max_length: int, *,
+                      truncation: bool, split: str = "input") -> tuple[list[dict], int]:
+    """Unlabelled rows (the task's text fields, checked) as the model's encoded rows: (rows, number truncated).
+    Shared by `eptkit.runs.predict_file` and the server (`eptkit.adapter_pool`), so both tokenize a row alike."""
+    cols = [{f: r[f] for f in spec.text_fields} for r in raw]
+    for i, (row, r) in enumerate(zip(cols, raw)):
+        row["label"] = 0.0 if spec.is_regression else 0  # the encoder wants a label; predictions ignore it
+        row["idx"] = i
+        if spec.group_field:
+            row[spec.group_field] = str(r.get(spec.group_field, f"row-{i}"))
+    return encode_rows(cols, spec, tokenizer, task_type, max_length, truncation=truncation, split=split)
+
+
+def prediction_label(spec: TaskSpec, prediction):
+    """A prediction as `eptkit predict` writes it: the class name, the score (regression), or None."""
+    return prediction if spec.is_regression or prediction is None else spec.label_names[prediction]
