@@ -10,6 +10,8 @@ import shlex
 import statistics
 from pathlib import Path
 
+from eptkit.config import DEFAULT_INIT_TEXT
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 TASKS = ("rte", "mrpc", "cb", "cola", "stsb", "wic", "sst2")
@@ -59,7 +61,7 @@ METHOD_ARGS = {
 HEAD_LR = {"--lr-head": 1e-2}
 PROMPT_RATES = (5e-3, 2e-2, 8e-2)
 # A generic instruction (not tuned per task) for text initialisation.
-INIT_TEXT = "Read the text and decide the answer."
+INIT_TEXT = DEFAULT_INIT_TEXT  # eptkit's default start: the suite selected it
 TEXT_INIT = {"--init": "text", "--init-text": INIT_TEXT}
 # The start that benchmarks/fresh_prompt.py found to leave the frozen features intact (an instruction,
 # with the text at the positions it has without a prompt), swept over its own rates: a recipe enters

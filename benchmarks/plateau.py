@@ -83,13 +83,15 @@ def _with_steps(command: str, steps: int) -> str:
     return shlex.join(words)
 
 
-def launch(cmd: list[str], threads: int) -> float:
-    """Run one `eptkit train` in a fresh process of this checkout's code; return its wall time."""
+def launch(cmd: list[str], threads: int, resume: bool = False) -> float:
+    """Run one `eptkit train` in a fresh process of this checkout's code (continuing its checkpoint with
+    `resume`, else from scratch); return its wall time."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     print(f"[plateau] {time.strftime('%H:%M:%S')} {shlex.join(cmd)}", flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "eptkit.cli", *cmd[1:], "--overwrite"], env=env, cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "eptkit.cli", *cmd[1:], "--resume" if resume else "--overwrite"],
+                          env=env, cwd=ROOT,
                           capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -200,9 +202,14 @@ def run_cell(task, method, seed, opts, rates) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "plateau_run.json").write_text(json.dumps({**meta, **extra}))
 
+    # --extend: a run stopped at fewer steps continues from its last checkpoint (written at its end); under
+    # the constant schedule that equals a run trained to the new budget at once.
+    earlier = run_dir / "plateau_run.json"
+    resume = opts.extend and earlier.is_file() and (run_dir / "checkpoints").is_dir()
+    spent = json.loads(earlier.read_text()).get("wall_seconds", 0) if resume else 0
     write_meta()
-    wall = launch(cmd, opts.threads)
-    write_meta(wall_seconds=round(wall, 1))
+    wall = launch(cmd, opts.threads, resume=resume)
+    write_meta(wall_seconds=round(spent + wall, 1))
 
 
 def run(opts) -> None:
@@ -460,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", type=lambda s: s.split(","), default=None)
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=None)
     parser.add_argument("--jobs", type=int, default=2, help="Runs at a time.")
+    parser.add_argument("--extend", action="store_true",
+                        help="Continue runs that stopped short of --steps from their last checkpoint (in --runs-dir).")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run.")
     parser.add_argument("--budget", default="", help="Report at these budgets instead of the criterion's "
                                                      "(task=steps,...).")
