@@ -403,10 +403,20 @@ def _plots(analysis: dict, out_dir: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = list(analysis["tasks"])
-    # 1. validation against step: mean and min-max band over seeds, the chosen budget marked
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        t = analysis["tasks"][task]
+
+    def figure(draw, ylabel: str, name: str) -> None:
+        """One panel per task, `draw(ax, task)` filling each; the main methods only (ablations: tables)."""
+        fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
+        for ax, task in zip(axes[0], tasks):
+            draw(ax, analysis["tasks"][task], task)
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel(ylabel)
+        axes[0][-1].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=120)
+        plt.close(fig)
+
+    def curves(ax, t, task):  # validation against step: mean and min-max band over seeds, the budget marked
         for method, curve in t["curves"].items():
             if method.startswith("ept_"):
                 continue
@@ -414,29 +424,19 @@ def _plots(analysis: dict, out_dir: Path) -> None:
             if len(t["runs"][method]) > 1:
                 ax.fill_between(*_band(t["runs"][method]), color=line.get_color(), alpha=0.15)
         ax.axvline(t["budget"], color="gray", linestyle="--", linewidth=1)
-        ax.set_title(f"{task}: budget {t['budget']} (last quarter adds < {PLATEAU_GAIN})", fontsize=9)
+        ax.set_title(f"{task}: budget {t['budget']} (flat: last quarter adds < {PLATEAU_GAIN})", fontsize=9)
         ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("validation score")
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "plateau_curves.png", dpi=120)
-    plt.close(fig)
-    # 2. accuracy against training time: each budget's test score (best validation step so far), mean over seeds
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        for method, runs in analysis["tasks"][task]["runs"].items():
+
+    def against_time(ax, t, task):  # each budget's test score (best validation step so far), mean over seeds
+        for method, runs in t["runs"].items():
             if not method.startswith("ept_"):
                 ax.plot(*_time_curve(runs), marker=".", label=method)
         ax.set_title(task)
         ax.set_xscale("log")
         ax.set_xlabel("training seconds (1 thread, CPU)")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("test score at the best validation step so far")
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "plateau_vs_time.png", dpi=120)
-    plt.close(fig)
+
+    figure(curves, "validation score", "plateau_curves.png")
+    figure(against_time, "test score at the best validation step so far", "plateau_vs_time.png")
 
 
 def _band(runs: list[list[dict]]) -> tuple[list[int], list[float], list[float]]:
