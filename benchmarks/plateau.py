@@ -207,7 +207,7 @@ def run_cell(task, method, seed, opts, rates) -> None:
     earlier = run_dir / "plateau_run.json"
     resume = opts.extend and earlier.is_file() and (run_dir / "checkpoints").is_dir()
     spent = json.loads(earlier.read_text()).get("wall_seconds", 0) if resume else 0
-    write_meta()
+    write_meta(wall_seconds=spent)  # what an earlier part took stays recorded if this part is cut short
     wall = launch(cmd, opts.threads, resume=resume)
     write_meta(wall_seconds=round(spent + wall, 1))
 
@@ -385,8 +385,8 @@ def report(opts) -> str:
     lines += ["", f"CPU time: {len(rows)} runs, {sum(walls) / 3600:.2f} process-hours of wall time recorded "
                   f"({len(walls)} runs with a recorded wall time; 1 torch thread each)."]
     text = "\n".join(lines) + "\n"
-    (opts.results_dir / "plateau.md").write_text(text)
-    _plots(analysis, opts.results_dir)
+    (opts.results_dir / f"{opts.name}.md").write_text(text)
+    _plots(analysis, opts.results_dir, opts.name)
     print(text)
     return text
 
@@ -396,7 +396,7 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {sd:.2f}"
 
 
-def _plots(analysis: dict, out_dir: Path) -> None:
+def _plots(analysis: dict, out_dir: Path, name: str = "plateau") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -435,8 +435,8 @@ def _plots(analysis: dict, out_dir: Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("training seconds (1 thread, CPU)")
 
-    figure(curves, "validation score", "plateau_curves.png")
-    figure(against_time, "test score at the best validation step so far", "plateau_vs_time.png")
+    figure(curves, "validation score", f"{name}_curves.png")
+    figure(against_time, "test score at the best validation step so far", f"{name}_vs_time.png")
 
 
 def _band(runs: list[list[dict]]) -> tuple[list[int], list[float], list[float]]:
@@ -471,7 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Continue runs that stopped short of --steps from their last checkpoint (in --runs-dir).")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run.")
     parser.add_argument("--budget", default="", help="Report at these budgets instead of the criterion's "
-                                                     "(task=steps,...).")
+                                                     "(task=steps,...); methods that did not reach one are left out.")
+    parser.add_argument("--name", default="plateau", help="Report file names: NAME.md, NAME_curves.png, NAME_vs_time.png.")
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("EPTKIT_DATA_DIR", ROOT.parent / "shared" / "data")))
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "plateau")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)

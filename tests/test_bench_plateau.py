@@ -132,7 +132,7 @@ def test_collect_reads_finished_and_cut_short_runs(tmp_path):
 def test_report_writes_tables_and_plots(tmp_path):
     opts = _options(tmp_path)
     opts.results_dir.mkdir()
-    opts.budget = ""
+    opts.budget, opts.name = "", "plateau"
     points = []
     for method, top in (("ept", 80.0), ("dept", 79.0), ("pt", 70.0)):
         for seed in (0, 1):
