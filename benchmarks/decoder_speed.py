@@ -24,7 +24,8 @@ from typing import Any, Sequence
 
 import torch
 
-import speed  # a sibling script: its folder is on the path when a script of benchmarks/ runs
+import speed_inputs  # sibling scripts: their folder is on the path when a script of benchmarks/ runs
+import timing
 
 SCHEMA = "eptkit-bench-decoder-speed/1"
 METHODS = ("pt", "pt_plain", "ept", "peft_pt")
@@ -57,7 +58,7 @@ def build_backbone(shape: str):
 
 
 def build(key: str, base, *, pt_length: int, short_length: int, rank: int, source_length: int):
-    model = speed.build_method_model("pt" if key == "pt_plain" else key, base, pt_length=pt_length,
+    model = speed_inputs.build_method_model("pt" if key == "pt_plain" else key, base, pt_length=pt_length,
                                      short_length=short_length, rank=rank, source_length=source_length, pooling=None)
     if key == "pt_plain":
         model.configs[model.active_adapter].shared_prefix = False
@@ -104,16 +105,16 @@ def run(shape: str = "small", *, device: str = "cpu", dtype: str = "fp32", batch
     for i, key in enumerate(methods):
         torch.manual_seed(seed + 1 + i)
         models[key] = build(key, base, **kw).to(dev).train()
-        optimizers[key] = torch.optim.AdamW(speed.trainable_parameters(models[key]), lr=1e-5)
+        optimizers[key] = torch.optim.AdamW(timing.trainable_parameters(models[key]), lr=1e-5)
     keys, result = list(methods), {"train": {}, "forward": {}}
 
     def train(key):
-        t = speed.train_step(models[key], optimizers[key], batch, dev, dtype, speed.Clock(dev))["total"]
+        t = timing.train_step(models[key], optimizers[key], batch, dev, dtype, timing.Clock(dev))["total"]
         log(f"train {key}: {t * 1e3:.0f} ms")
         return t
 
     def forward(key):
-        t = speed.infer_step(models[key], forward_batch, dev, dtype)
+        t = timing.infer_step(models[key], forward_batch, dev, dtype)
         log(f"forward {key}: {t * 1e3:.0f} ms")
         return t
 
@@ -124,12 +125,12 @@ def run(shape: str = "small", *, device: str = "cpu", dtype: str = "fp32", batch
         raw = _interleaved(keys, warmup + repeats, step)
         for key in keys:
             times = raw[key][warmup:]
-            result[phase][key] = {"times_s": times, "warmup_times_s": raw[key][:warmup], **speed.summarize(times),
-                                  "trainable_params": sum(p.numel() for p in speed.trainable_parameters(models[key]))}
+            result[phase][key] = {"times_s": times, "warmup_times_s": raw[key][:warmup], **timing.summarize(times),
+                                  "trainable_params": sum(p.numel() for p in timing.trainable_parameters(models[key]))}
     ratios = {}
     for name, num, den, phase, target in RATIOS:
         if num in result[phase] and den in result[phase]:
-            stats = speed.ratio_stats(result[phase][num]["times_s"], result[phase][den]["times_s"], seed=seed)
+            stats = timing.ratio_stats(result[phase][num]["times_s"], result[phase][den]["times_s"], seed=seed)
             ratios[name] = {"numerator": num, "denominator": den, "phase": phase, **stats, "target_max": target}
             if target is not None:
                 ratios[name]["pass"] = stats["ratio_of_medians"] <= target
@@ -142,7 +143,7 @@ def run(shape: str = "small", *, device: str = "cpu", dtype: str = "fp32", batch
                     "rank": rank, "warmup": warmup, "repeats": repeats, "seed": seed,
                     "inputs": f"random token ids {batch_size} x {source_length}, no padding; labels on the last "
                               f"{target_length} tokens"},
-        "machine": speed.machine_info(dev),
+        "machine": timing.machine_info(dev),
         **result,
         "ratios": ratios,
     }
@@ -196,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--note", default="", help="a sentence for the markdown (e.g. the machine's load)")
-    p.add_argument("--out-dir", default=str(speed.RESULTS_DIR))
+    p.add_argument("--out-dir", default=str(timing.RESULTS_DIR))
     p.add_argument("--name", default=None, help="file stem (default decoder_speed_<shape>_<device type>)")
     a = p.parse_args(argv)
     res = run(a.shape, device=a.device, dtype=a.dtype, batch_size=a.batch_size, source_length=a.source_length,
@@ -207,8 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     res["note"] = a.note
     name = a.name or f"decoder_speed_{a.shape}_{torch.device(a.device).type}" + ("" if a.dtype == "fp32" else f"_{a.dtype}")
     out = Path(a.out_dir)
-    speed.write_text(out / f"{name}.json", json.dumps(res, indent=1) + "\n")
-    speed.write_text(out / f"{name}.md", to_markdown(res, a.note))
+    timing.write_text(out / f"{name}.json", json.dumps(res, indent=1) + "\n")
+    timing.write_text(out / f"{name}.md", to_markdown(res, a.note))
     print(to_markdown(res, a.note))
     return 0
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import speed  # a sibling script: its folder is on the path when a script of benchmarks/ runs
+import timing  # a sibling script: its folder is on the path when a script of benchmarks/ runs
 
 
 def time_method(module: nn.Module, calls: int) -> float:
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=20, help="forward+backward calls per timed round")
     p.add_argument("--step-ms", type=float, required=True, help="a DePT training step's median (ms), for the fraction")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=speed.RESULTS_DIR / "ept_overhead_cpu.json")
+    p.add_argument("--out", type=Path, default=timing.RESULTS_DIR / "ept_overhead_cpu.json")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     emb = nn.Embedding(a.vocab, a.hidden)
@@ -62,12 +62,12 @@ def main(argv=None) -> int:
             if r >= 2:
                 times[key].append(t)
     extra = [e - d for e, d in zip(times["ept"], times["dept"])]
-    result = {"setting": vars(a) | {"out": str(a.out)}, "machine": speed.machine_info(torch.device("cpu")),
+    result = {"setting": vars(a) | {"out": str(a.out)}, "machine": timing.machine_info(torch.device("cpu")),
               "dept_ms": statistics.median(times["dept"]) * 1e3, "ept_ms": statistics.median(times["ept"]) * 1e3,
               "extra_ms_median": statistics.median(extra) * 1e3,
-              "extra_ms_iqr": [speed.quantile(extra, 0.25) * 1e3, speed.quantile(extra, 0.75) * 1e3]}
+              "extra_ms_iqr": [timing.quantile(extra, 0.25) * 1e3, timing.quantile(extra, 0.75) * 1e3]}
     result["extra_fraction_of_step"] = result["extra_ms_median"] / a.step_ms
-    speed.write_text(a.out, json.dumps(result, indent=1) + "\n")
+    timing.write_text(a.out, json.dumps(result, indent=1) + "\n")
     print(f"prompt side per step: DePT {result['dept_ms']:.2f} ms, EPT {result['ept_ms']:.2f} ms; EPT adds "
           f"{result['extra_ms_median']:.2f} ms (IQR {result['extra_ms_iqr'][0]:.2f}-{result['extra_ms_iqr'][1]:.2f}) "
           f"= {100 * result['extra_fraction_of_step']:.3f}% of a {a.step_ms:.0f} ms step -> EPT/DePT "
