@@ -1,4 +1,4 @@
-"""The plateau study's bookkeeping (benchmarks/plateau.py): budgets read off curves, results at a budget,
+"""The plateau study's bookkeeping (benchmarks/plateau.py, plateau_report.py): budgets read off curves, results at a budget,
 paired intervals, and CSVs from run folders. No training here (the constant schedule's prefix property
 is tested in test_train.py)."""
 
@@ -16,7 +16,8 @@ from eptkit.cli import build_parser
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))  # plateau.py imports accuracy.py, its neighbour
-PLATEAU = runpy.run_path(str(BENCH / "plateau.py"))
+PLATEAU = runpy.run_path(str(BENCH / "plateau.py"))  # the runner
+REPORT = runpy.run_path(str(BENCH / "plateau_report.py"))  # the analysis
 
 
 def _curve(values, tests=None, every=100, seconds_per_step=1.0):
@@ -27,7 +28,7 @@ def _curve(values, tests=None, every=100, seconds_per_step=1.0):
 
 def test_a_run_at_a_budget_is_its_best_validation_step_up_to_it():
     curve = _curve([50, 60, 60, 70, 65], tests=[40, 55, None, 66, None])
-    at = PLATEAU["at_budget"]
+    at = REPORT["at_budget"]
     assert at(curve, 300) == {"validation": 60, "test": 55, "best_step": 200, "train_seconds": 300}  # first of equals
     assert at(curve, 500)["test"] == 66 and at(curve, 500)["best_step"] == 400
     assert at(curve, 600) is None  # never reached
@@ -37,27 +38,27 @@ def test_the_budget_is_the_first_where_every_method_gains_less_than_half_a_point
     # By hand, at budget B the gain is mean(last 3 evaluations <= B) - mean(last 3 <= 0.75 B).
     fast = [(100 * (i + 1), v) for i, v in enumerate([70, 80, 80, 80, 80, 80, 80, 80])]
     slow = [(100 * (i + 1), v) for i, v in enumerate([10, 20, 30, 40, 50, 55, 56, 56.2])]
-    budget, gains = PLATEAU["plateau_budget"]({"fast": fast, "slow": slow})
+    budget, gains = REPORT["plateau_budget"]({"fast": fast, "slow": slow})
     # slow at 800: (55 + 56 + 56.2)/3 - (40 + 50 + 55)/3 (0.75 x 800 = 600) = 7.4: never flat, so the longest
     assert budget == 800 and gains["slow"] == pytest.approx((55 + 56 + 56.2) / 3 - (40 + 50 + 55) / 3)
     flat = [(s, min(v, 50)) for s, v in slow]
-    budget, gains = PLATEAU["plateau_budget"]({"fast": fast, "slow": flat})
+    budget, gains = REPORT["plateau_budget"]({"fast": fast, "slow": flat})
     # flat: 50 from step 500; at 700 the windows are 500-700 and 300-500 (0.75 x 700 = 525): 50 - 40 = 10;
     # at 800: 600-800 against 400-600: 50 - (40 + 50 + 50)/3 = 3.33; no budget meets it -> 800 again
     assert budget == 800 and gains["slow"] == pytest.approx(50 - 140 / 3)
     long_flat = flat + [(900, 50), (1000, 50), (1100, 50)]
     fast_long = fast + [(900, 80), (1000, 80), (1100, 80)]
-    budget, _ = PLATEAU["plateau_budget"]({"fast": fast_long, "slow": long_flat})
+    budget, _ = REPORT["plateau_budget"]({"fast": fast_long, "slow": long_flat})
     assert budget == 1000  # 0.75 x 1000 = 750: windows 800-1000 and 500-700, all 50
 
 
 def test_paired_interval_matches_scipy_t_interval():
     diffs = [1.5, -0.5, 2.0, 0.25, 1.0]
-    mean, half = PLATEAU["paired_interval"](diffs)
+    mean, half = REPORT["paired_interval"](diffs)
     low, high = stats.ttest_1samp(diffs, 0).confidence_interval(0.95)
     assert mean == pytest.approx(statistics.mean(diffs))
     assert (mean - half, mean + half) == pytest.approx((low, high))
-    assert PLATEAU["paired_interval"]([3.0]) == (3.0, None)
+    assert REPORT["paired_interval"]([3.0]) == (3.0, None)
 
 
 def test_analysis_pairs_seeds_and_averages_tasks_per_seed():
@@ -70,7 +71,7 @@ def test_analysis_pairs_seeds_and_averages_tasks_per_seed():
                     points.append({"task": task, "method": method, "seed": str(seed), "step": str(100 * (i + 1)),
                                    "validation": str(v), "test": str(v - 1) if i < 2 else "",
                                    "train_seconds": str(i)})
-    out = PLATEAU["analyse"](points, {"stsb": 300, "sst2": 300})
+    out = REPORT["analyse"](points, {"stsb": 300, "sst2": 300})
     pair = out["pairs"][("ept", "dept")]
     assert pair["tasks"]["stsb"][0] == pytest.approx(2.0) and pair["tasks"]["stsb"][2] == 3
     assert pair["overall"][0] == pytest.approx(2.0) and pair["overall"][1] == pytest.approx(0.0)
@@ -115,18 +116,18 @@ def test_collect_reads_finished_and_cut_short_runs(tmp_path):
         if finished:
             (run / "results.json").write_text("{}")
     PLATEAU["collect"](opts)
-    rows = {r["method"]: r for r in PLATEAU["read_csv"](opts.results_dir / "plateau.csv")}
+    rows = {r["method"]: r for r in REPORT["read_csv"](opts.results_dir / "plateau.csv")}
     assert rows["done"]["steps"] == "6" and rows["done"]["test"] == "46.0" and rows["done"]["finished"] == "1"
     assert rows["cut"]["steps"] == "4" and rows["cut"]["best_step"] == "2" and rows["cut"]["finished"] == "0"
     assert "--max-steps 4" in rows["cut"]["command"]  # re-runs exactly the steps it reached
-    curves = PLATEAU["read_csv"](opts.results_dir / "plateau_curves.csv")
+    curves = REPORT["read_csv"](opts.results_dir / "plateau_curves.csv")
     assert [(c["method"], c["step"], c["train_seconds"]) for c in curves] == [
         ("cut", "2", "1.0"), ("cut", "4", "2.0"), ("done", "2", "1.0"), ("done", "4", "2.0"), ("done", "6", "3.0")]
     # a later collect without the folders keeps the rows (an earlier session's runs)
     import shutil
     shutil.rmtree(opts.runs_dir)
     PLATEAU["collect"](opts)
-    assert len(PLATEAU["read_csv"](opts.results_dir / "plateau.csv")) == 2
+    assert len(REPORT["read_csv"](opts.results_dir / "plateau.csv")) == 2
 
 
 def test_report_writes_tables_and_plots(tmp_path):
@@ -141,7 +142,7 @@ def test_report_writes_tables_and_plots(tmp_path):
                 points.append({"task": "stsb", "method": method, "seed": seed, "step": 100 * (i + 1),
                                "validation": v, "test": v - 1, "train_seconds": 100 * (i + 1)})
     PLATEAU["write_csv"](opts.results_dir / "plateau_curves.csv", PLATEAU["CURVE_COLUMNS"], points)
-    text = PLATEAU["report"](opts)
+    text = REPORT["report"](opts)
     # ept reaches its top at step 500: at 800 the windows 600-800 and 400-600 give 80 - (70 + 80 + 80) / 3 =
     # +3.33, so no budget meets the criterion and the report compares at the longest one, saying so
     assert "### stsb: budget 800 steps (not flat: dept, ept)" in text and "| ept | 2 |" in text and "+3.33 |" in text
