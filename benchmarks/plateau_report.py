@@ -151,8 +151,11 @@ def report(opts) -> str:
              f"three evaluations up to B is less than {PLATEAU_GAIN} point above the same mean at 0.75 B. "
              f"Each run's result at B is the test score of its best validation step up to B.", ""]
     for task, t in analysis["tasks"].items():
-        flat = [m for m, g in t["gains"].items() if g is None or g >= PLATEAU_GAIN]
-        verdict = f" (not flat: {', '.join(flat)})" if flat else " (every method flat)"
+        climbing = [m for m, g in t["gains"].items() if g is not None and g >= PLATEAU_GAIN]
+        unjudged = [m for m, g in t["gains"].items() if g is None]
+        verdict = "; ".join([f"not flat: {', '.join(climbing)}"] * bool(climbing)
+                            + [f"too short to judge (< 3 evaluations up to 0.75 B): {', '.join(unjudged)}"] * bool(unjudged))
+        verdict = f" ({verdict or 'every method flat'})"
         lines += [f"### {task}: budget {t['budget']} steps{verdict}", ""]
         lines += ["| method | seeds | validation at B | test at B | last-quarter gain | train s to B |",
                   "|---|---:|---:|---:|---:|---:|"]
