@@ -10,20 +10,20 @@ import dataclasses
 import json
 from pathlib import Path
 
-import torch
-from torch import nn
-
-from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, AdapterError, read_json, read_safetensors
 from .config import CONFIG_CLASSES
-from .methods import build_method
-from .baselines import FULL_WEIGHTS_NAME, PEFT_METHODS, read_baseline_info
-from .runs import read_run_info
 from .tasks.registry import get_task
+
+# torch and the adapter modules are imported inside the functions that read adapters: `eptkit info
+# --task` needs neither, and starts in a fraction of the time.
 
 
 def adapter_info(adapter_dir) -> dict:
     """Method, backbone facts, tensors and config of an adapter directory; for an uncompiled EPT
     adapter with multi-space projection also the subspace weights each prompt token learned."""
+    from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, AdapterError, read_json, read_safetensors
+    from .baselines import read_baseline_info
+    from .runs import read_run_info
+
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise AdapterError(f"{adapter_dir}: adapter directory not found")
@@ -54,6 +54,10 @@ def adapter_info(adapter_dir) -> dict:
 
 def _baseline_info(adapter_dir: Path, saved: dict) -> dict:
     """A baseline run's directory: LoRA, P-tuning and prefix in PEFT's files, full and head in model.safetensors."""
+    from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, read_json, read_safetensors
+    from .baselines import FULL_WEIGHTS_NAME, PEFT_METHODS
+    from .runs import read_run_info
+
     method = saved.get("method")
     weights = adapter_dir / (WEIGHTS_NAME if method in PEFT_METHODS else FULL_WEIGHTS_NAME)
     state = read_safetensors(weights, (saved.get("files_sha256") or {}).get(weights.name))
@@ -88,6 +92,9 @@ def adapter_info_lines(info: dict) -> list[str]:
             lines.append(f"  {i:5d}  " + " ".join(f"{x:8.4f}" for x in row) + f"  {dev:9.4f}")
         lines.append(f"  max |w - 1/N| = {gates['max_abs_change']:.4f}, mean = {gates['mean_abs_change']:.4f}; "
                      f"tokens whose largest weight is subspace k: {gates['dominant_subspace_counts']}")
+        note = repeat_note(gates)
+        if note:
+            lines.append(f"  {note}")
     return lines
 
 
@@ -117,7 +124,12 @@ def task_info_lines(info: dict) -> list[str]:
     return lines
 
 
-def _gate_weights(config: dict, state: dict[str, torch.Tensor]) -> dict:
+def _gate_weights(config: dict, state: dict) -> dict:
+    import torch
+    from torch import nn
+
+    from .methods import build_method
+
     # Rebuild the EPT module from the config alone (a 1-row vocabulary: the init is overwritten).
     ept_config = CONFIG_CLASSES["ept"](**{**config, "init": "sample_vocab"})
     d = int(state["prompt_embeddings"].shape[1])
@@ -132,7 +144,33 @@ def _gate_weights(config: dict, state: dict[str, torch.Tensor]) -> dict:
         "max_abs_change": float((weights - 1.0 / n).abs().max()),
         "mean_abs_change": float((weights - 1.0 / n).abs().mean()),
         "dominant_subspace_counts": torch.bincount(weights.argmax(1), minlength=n).tolist(),
+        "repeats_every": _period([[float(x) for x in row] for row in weights]),
+        "init": config.get("init"),
     }
+
+
+def _period(rows: list[list[float]], share: float = 0.1) -> int | None:
+    """The smallest k <= len(rows) / 2 with row i close to row i + k for every i (within `share` of how much
+    the rows differ at all), else None. A prompt that starts as an instruction's k tokens repeated to fill
+    its length keeps (nearly) that period where training has not told the copies apart."""
+    m = len(rows)
+    spread = max((max(col) - min(col) for col in zip(*rows)), default=0.0)
+    if m < 2 or spread == 0:
+        return None
+    for k in range(1, m // 2 + 1):
+        if all(abs(a - b) <= share * spread for i in range(m - k) for a, b in zip(rows[i], rows[i + k])):
+            return k
+    return None
+
+
+def repeat_note(gates: dict) -> str | None:
+    """Why the heat map shows a repeating pattern, when it does."""
+    k = gates.get("repeats_every")
+    if not k:
+        return None
+    start = ("the prompt started as the instruction's tokens repeated to fill it"
+             if gates.get("init") in (None, "text") else "the prompt's start repeats")
+    return f"rows (nearly) repeat every {k} tokens: {start}, and training kept the copies alike"
 
 
 def plot_gate_weights(gates: dict, path, title: str = "EPT gate weights") -> None:
@@ -150,7 +188,8 @@ def plot_gate_weights(gates: dict, path, title: str = "EPT gate weights") -> Non
     ax.set_xlabel("subspace k")
     ax.set_ylabel("prompt token")
     ax.set_xticks(range(n))
-    ax.set_title(f"{title}\ninitial value 1/N = {gates['initial']:.3f}", fontsize=8)
+    note = repeat_note(gates)
+    ax.set_title(f"{title}\ninitial value 1/N = {gates['initial']:.3f}" + (f"\n{note}" if note else ""), fontsize=8)
     fig.colorbar(image, ax=ax, label="gate weight w[token, k]")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
