@@ -23,7 +23,7 @@ from .files import atomic_write_json
 from .evaluation import evaluate_rows, predict_rows
 from .model import load_adapter
 from .task_types import checkpoint_task_type
-from .tasks.errors import DataError
+from .tasks.errors import DataError, MissingTask
 from .tasks.formatting import encode, encode_rows
 from .tasks.loading import check_columns, load_files, load_labelled_file, load_task, read_rows
 from .tasks.registry import TaskSpec, get_task
@@ -44,8 +44,8 @@ def prepare_output_dir(output_dir: Path, config, run_info: dict, accelerator) ->
     if config.resume and existing:
         resume_from = existing[-1]
     elif existing and not config.overwrite and not config.resume:
-        raise ValueError(f"{output_dir}: holds checkpoints of an earlier run; pass resume=True "
-                         "(--resume) to continue it or overwrite=True (--overwrite) to start again")
+        raise ValueError(f"{output_dir}: holds checkpoints of an earlier run; set resume=True to continue it "
+                         "or overwrite=True to start again (eptkit train: --resume, --overwrite)")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -75,7 +75,7 @@ def task_spec_for(run: dict, task: str | None) -> TaskSpec:
         return TaskSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in run["task_spec"].items()})
     if run.get("task"):
         return get_task(run["task"])
-    raise DataError("the adapter does not record its task; pass --task")
+    raise MissingTask("the adapter does not record its task; pass --task")
 
 
 @dataclass
