@@ -28,8 +28,11 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import (CONFIG_CLASSES, METHOD_NAMES, PEFT_PROMPT_METHODS, PROMPT_METHODS, EPTConfig, TrainConfig,
-                     default_text)
+# Only modules without torch/transformers at the top: `eptkit --help`, `--version`, `info --task` and
+# argument errors never import them (tests/test_cli.py checks); commands import what they use.
+from .config import (CONFIG_CLASSES, LR_SCHEDULES, LR_UNITS, METHOD_NAMES, MIXED_PRECISION, MODULE_INITS, OPTIMIZERS,
+                     PEFT_PROMPT_METHODS, POOLINGS, PROMPT_INITS, PROMPT_METHODS, REGRESSION_TARGETS, TEXT_POSITIONS,
+                     EPTConfig, TrainConfig, default_text)
 from .task_types import TASK_TYPES
 from .version import __version__
 
@@ -83,6 +86,12 @@ _TRAIN_EXTRA = {"task": None, "method": "ept", "model": None, "data_dir": None, 
                 "label_column": "label", "lora_r": 8, "config": None, "seeds": None, "sweep": None}
 
 
+# Options whose values are a fixed set: argparse lists them in --help and refuses others at once.
+_CHOICES = {"init": PROMPT_INITS, "pooling": POOLINGS, "text_positions": TEXT_POSITIONS, "module_init": MODULE_INITS,
+            "lr_unit": LR_UNITS, "optimizer": OPTIMIZERS, "regression_targets": REGRESSION_TARGETS,
+            "lr_schedule": LR_SCHEDULES, "mixed_precision": MIXED_PRECISION}
+
+
 def _train_parser(parser: argparse.ArgumentParser):
     S = argparse.SUPPRESS  # unset options stay absent, so a recipe's value is not overridden by a default
     g = parser.add_argument_group("task and data")
@@ -112,7 +121,8 @@ def _train_parser(parser: argparse.ArgumentParser):
         if name == "max_length":
             help_text += " For PT and the baselines: the maximum text length."
         kind = {"int": int, "float": float}.get(str(types[name]).split(" ")[0], str)
-        g.add_argument(_opt(name), type=kind, default=S, help=f"{help_text} {default_text(name)}")
+        g.add_argument(_opt(name), type=kind, default=S, choices=_CHOICES.get(name),
+                       help=f"{help_text} {default_text(name)}")
     g.add_argument("--lora-r", type=int, default=S, help="LoRA rank (method lora; default: 8).")
     g = parser.add_argument_group("training loop")
     for f in dataclasses.fields(TrainConfig):
@@ -122,7 +132,10 @@ def _train_parser(parser: argparse.ArgumentParser):
             g.add_argument(_opt(f.name), action="store_const", const=True, default=S, help=f.metadata["help"])
             continue
         kind = float if str(f.type).startswith("float") else int if str(f.type).startswith("int") else str
-        g.add_argument(_opt(f.name), type=kind, default=S, help=f"{f.metadata['help']} (default: {f.default})")
+        help_text = f.metadata["help"]
+        if "(default:" not in help_text:  # a help that names its default itself keeps it
+            help_text += f" (default: {f.default})"
+        g.add_argument(_opt(f.name), type=kind, default=S, choices=_CHOICES.get(f.name), help=help_text)
     parser.add_argument("--config", default=S, help="Recipe file (JSON or TOML) whose keys are option names; "
                                                     "command-line options override it.")
     g = parser.add_argument_group("several runs in one process (pt, dept, ept; eptkit.sweep)")
@@ -198,6 +211,10 @@ def load_data(options: dict[str, Any], seed: int):
     if options.get("train_file"):
         if options.get("k_shot"):
             raise UsageError("--k-shot applies to the named tasks, not to --train-file")
+        for key in ("train_file", "validation_file", "test_file"):
+            if options.get(key) and not Path(options[key]).is_file():
+                raise UsageError(f"{options[key]}: {_opt(key)[2:].replace('-', ' ')} not found")
+        _say(f"reading {options['train_file']}")
         return load_files(options["train_file"], options.get("validation_file"), options.get("test_file"),
                           text_columns=options.get("text_columns"), label_column=options.get("label_column") or "label",
                           name=options.get("task") or "custom")
@@ -210,6 +227,7 @@ def load_data(options: dict[str, Any], seed: int):
     spec = get_task(task)
     if data_dir is not None and not Path(data_dir).is_dir():
         raise UsageError(f"{data_dir}: data directory not found")
+    _say(f"reading the {spec.name} data from {data_dir or 'the Hugging Face Hub'}")
     data = load_task(spec, data_dir, k_shot=options.get("k_shot"), k_shot_seed=seed)
     return data, spec
 
@@ -225,16 +243,20 @@ def train_command(args: argparse.Namespace) -> int:
 
     options = resolve_train_options(args)
     if options.get("seeds") is not None or options.get("sweep"):
-        from .sweep import train_sweep
+        from .sweep import expand_runs, train_sweep
 
+        for _, run in expand_runs(options, _valid_keys()):  # before any data is read
+            _check_output_dir(build_configs(run)[1])
         for results in train_sweep(options, build_configs=build_configs, load_data=load_data, valid_keys=_valid_keys()):
             print(json.dumps(round_floats(_summary(results))))
         return 0
     method_config, train_config = build_configs(options)
-    data, spec = load_data(options, train_config.seed)
+    _check_output_dir(train_config)
     model_path = resolve_model_path(options.get("model"))
+    data, spec = load_data(options, train_config.seed)
     task_type = checkpoint_task_type(model_path, options.get("task_type") or "auto")
     set_seed(train_config.seed)
+    _say(f"loading the backbone ({model_path if options.get('model') else 'the bundled all-MiniLM-L6-v2'})")
     backbone, tokenizer = load_backbone(model_path, task_type, spec)
     try:
         model = build_model(backbone, options["method"], method_config, tokenizer=tokenizer,
@@ -258,6 +280,22 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say(text: str) -> None:
+    """A progress line on stderr (stdout carries the JSON summary), from the main process only."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{PROG} train: {text}", file=sys.stderr, flush=True)
+
+
+def _check_output_dir(config) -> None:
+    """An earlier run's checkpoints in output_dir need --resume or --overwrite: said before any data is
+    read (the library says the same, in its own terms, when the run starts)."""
+    from .checkpoint import checkpoint_dirs
+
+    if checkpoint_dirs(Path(config.output_dir)) and not (config.resume or config.overwrite):
+        raise UsageError(f"{config.output_dir}: holds checkpoints of an earlier run; add --resume to continue it "
+                         "or --overwrite to start again")
+
+
 def _summary(results: dict) -> dict:
     return {"task": results["task"], "method": results["method"], "best_step": results["best_step"],
             "validation": results["validation"], "test": results["test"],
@@ -273,7 +311,7 @@ def _evaluate_parser(parser):
     parser.add_argument("--split", default="test", choices=("train", "validation", "test"), help="Split (default test).")
     parser.add_argument("--data-dir", help="Data folder (default: the one used in training, $EPTKIT_DATA_DIR, the Hub).")
     parser.add_argument("--model", help="Backbone path or Hub id (default: the one recorded with the adapter).")
-    parser.add_argument("--batch-size", type=int, default=64, help="Evaluation batch size.")
+    parser.add_argument("--batch-size", type=int, default=64, help="Evaluation batch size (default: 64).")
     parser.add_argument("--max-eval-samples", type=int, help="Score a seeded random subset of this many rows "
                         "(default: the run's own --max-eval-samples, so the score is the one it reported; 0: all).")
     parser.add_argument("--test-file", help="Score your own labelled file (.jsonl, .csv or .tsv) instead of a "
@@ -307,10 +345,11 @@ def evaluate_command(args) -> int:
 def _predict_parser(parser):
     parser.add_argument("--adapter", required=True, help="Output dir of `eptkit train`, or an adapter dir.")
     parser.add_argument("--input", required=True, help="Rows to label (.jsonl, .csv or .tsv) with the task's text columns.")
-    parser.add_argument("--output", required=True, help="JSONL file: each input row plus 'prediction' (label name).")
+    parser.add_argument("--output", required=True, help="JSONL file: each input row plus 'prediction' (label name); "
+                                                         "'-' writes the rows to standard output.")
     parser.add_argument("--task", help="Task (default: the one the adapter was trained on).")
     parser.add_argument("--model", help="Backbone path or Hub id (default: the one recorded with the adapter).")
-    parser.add_argument("--batch-size", type=int, default=64, help="Batch size.")
+    parser.add_argument("--batch-size", type=int, default=64, help="Batch size (default: 64).")
     return predict_command
 
 
@@ -323,6 +362,10 @@ def predict_command(args) -> int:
         raise UsageError(f"{input_path}: input file not found")
     model, tokenizer, spec, run = load_trained(args.adapter, model=args.model, task=args.task)
     rows = predict_file(model, tokenizer, spec, run, input_path, batch_size=args.batch_size)
+    if args.output == "-":  # a pipe: the rows alone, no summary line
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+        return 0
     out_path = Path(args.output)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_lines(out_path, [json.dumps(row, ensure_ascii=False) for row in rows])
@@ -461,24 +504,40 @@ def _one_line(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `eptkit ... | head`: the reader has gone, which is no error of ours
+        _silence_stdout()
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    _quiet_libraries()
-    from .adapter_files import AdapterError
-    from .tasks.errors import DataError
-
+    if args.command != "info" or args.adapter:  # a command that loads a model (info --task needs none)
+        _quiet_libraries()
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's flush at exit
+        return code
     except KeyboardInterrupt:
         return 130
-    except (UsageError, AdapterError, DataError, ValueError, OSError) as e:
+    except BrokenPipeError:
+        raise
+    except (UsageError, ValueError, OSError) as e:  # AdapterError and DataError are ValueErrors
         if os.environ.get("EPTKIT_DEBUG"):
             raise
         print(f"{PROG} {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's flush at exit does not fail on the closed pipe again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 def _quiet_libraries() -> None:

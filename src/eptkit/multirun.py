@@ -59,6 +59,7 @@ class _RunTrainer(Trainer):
         model.set_adapter(run.name)
         super().__init__(model, tokenizer, run.task, run.data, run.config, run_info=run.run_info,
                          accelerator=accelerator)
+        self.report.prefix = f"[{run.name}] "  # the runs' lines interleave
 
     @property
     def unwrapped(self):
@@ -84,7 +85,7 @@ class _RunTrainer(Trainer):
         resume_from = prepare_output_dir(self.output_dir, self.config, self.run_info, self.accelerator)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
-            self.report.print(f"{self.adapter_name}: resumed from {resume_from} (step {self.state.step})")
+            self.report.print(f"resumed from {resume_from} (step {self.state.step})")
         self._rng_after_step, self._position_after_step = rng_state(), (self.state.epoch, self.state.batch)
         self._updating = False
 

@@ -232,9 +232,12 @@ class Trainer:
         if self.report.bar is not None:
             self.report.bar.update(1)
             self.report.bar.set_postfix(loss=f"{loss:.4f}")
-        elif s.step % (cfg.logging_steps or max(1, cfg.max_steps // 20)) == 0 or s.step == cfg.max_steps:
+        elif (s.step % (cfg.logging_steps or max(1, cfg.max_steps // 20)) == 0 or s.step == cfg.max_steps
+              or len(s.step_times) == 1):  # the first step at once: a long run says how long it will take
+            left = (cfg.max_steps - s.step) * sum(s.step_times) / len(s.step_times)
             self.report.print(f"step {s.step}/{cfg.max_steps}  loss {loss:.4f}  "
-                        f"lr {' '.join(f'{k}={v:.2e}' for k, v in lrs.items())}  {dt:.3f} s/step")
+                              f"lr {' '.join(f'{k}={v:.2e}' for k, v in lrs.items())}  {dt:.3f} s/step"
+                              + (f"  (about {_duration(left)} of training left)" if s.step < cfg.max_steps else ""))
         stop = False
         has_validation = len(self.encoded.get("validation", [])) > 0
         if has_validation and (s.step == cfg.max_steps or (cfg.eval_steps and s.step % cfg.eval_steps == 0)):
@@ -266,6 +269,8 @@ class Trainer:
             self.report.print(f"resumed from {resume_from} (step {s.step})")
         elif cfg.resume:
             self.report.print(f"--resume: no checkpoint in {self.output_dir / 'checkpoints'}; starting a fresh run")
+        self.report.print(f"training {cfg.max_steps - s.step} steps of {cfg.batch_size} rows "
+                          f"({len(self.encoded['train'])} training examples); output in {self.output_dir}")
         self.report.open_bar(cfg.max_steps, s.step)
         self._rng_after_step, self._position_after_step = rng_state(), (s.epoch, s.batch)
         self._updating = False
@@ -377,6 +382,7 @@ class _Report:
 
     def __init__(self, log_path: Path, is_main: bool):
         self.log_path, self.is_main, self.bar = log_path, is_main, None
+        self.prefix = ""  # several runs in one process: "[name] ", so that each line says whose it is
 
     def open_bar(self, total: int, initial: int) -> None:
         if self.is_main and sys.stderr.isatty():
@@ -390,6 +396,7 @@ class _Report:
             self.bar = None
 
     def print(self, text: str) -> None:
+        text = self.prefix + text
         if self.is_main:
             if self.bar is not None:
                 self.bar.write(text, file=sys.stderr)
@@ -427,6 +434,13 @@ class _StopFlag:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
         return False
+
+
+def _duration(seconds: float) -> str:
+    """'45 s', '12 min', '1.5 h': a time estimate for people."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def _fix_threads() -> int:
