@@ -171,3 +171,112 @@ def test_recipes_readme_gives_a_score_for_every_measured_recipe():
     for recipe in sorted((ROOT / "recipes" / "cpu").glob("*.json")):
         line = next((ln for ln in text.splitlines() if ln.startswith(f"| `cpu/{recipe.name}`")), None)
         assert line is not None, f"{recipe.name}: neither measured nor listed as unmeasured in recipes/README.md"
+
+
+# ---------------------------------------------------------------------------------------------- runs
+from conftest import data_dir  # noqa: E402
+from test_train import make_model, synthetic_cb, tiny_models  # noqa: E402,F401  (fixture)
+
+DATA = data_dir()
+needs_data = pytest.mark.skipif(not (DATA / "superglue" / "CB" / "train.jsonl").is_file(),
+                                reason=f"data folder {DATA} not found (set EPTKIT_DATA_DIR)")
+
+
+def cli(capsys, *args):
+    from eptkit.cli import main
+
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def tiny_run(model, out, *extra, steps=4, method="ept"):
+    prompt = ("--prompt-length", 4, "--rank", 2) if method == "ept" else ()
+    return ["train", "--task", "cb", "--method", method, "--model", model, "--data-dir", DATA, "--output-dir", out,
+            "--max-steps", steps, "--eval-steps", 2, "--save-steps", 2, "--batch-size", 4, "--max-length", 64,
+            "--max-train-samples", 32, "--max-eval-samples", 16, *prompt, *extra]
+
+
+@needs_data
+def test_a_run_says_what_it_does_from_the_start(tiny_models, tmp_path, capsys):  # noqa: F811
+    code, _, err = cli(capsys, *tiny_run(tiny_models["bert"], tmp_path / "r"))
+    lines = err.splitlines()
+    assert code == 0
+    first = [i for i, ln in enumerate(lines) if ln.startswith(("eptkit train: reading", "eptkit train: loading",
+                                                               "training 4 steps", "step 1/4"))]
+    assert len(first) == 4 and first == sorted(first), err
+    assert "of training left" in next(ln for ln in lines if ln.startswith("step 1/4"))
+
+
+@needs_data
+def test_earlier_checkpoints_are_refused_before_the_data_is_read(tiny_models, tmp_path, capsys):  # noqa: F811
+    assert cli(capsys, *tiny_run(tiny_models["bert"], tmp_path / "r"))[0] == 0
+    code, _, err = cli(capsys, *tiny_run(tiny_models["bert"], tmp_path / "r"))
+    assert code == 2 and err.splitlines() == [
+        f"eptkit train: error: {tmp_path / 'r'}: holds checkpoints of an earlier run; add --resume to continue it "
+        "or --overwrite to start again"]
+
+
+@needs_data
+def test_resume_extends_max_steps_only_under_a_constant_schedule(tiny_models, tmp_path, capsys):  # noqa: F811
+    model = tiny_models["bert"]
+    assert cli(capsys, *tiny_run(model, tmp_path / "linear"))[0] == 0
+    code, _, err = cli(capsys, *tiny_run(model, tmp_path / "linear", "--resume", steps=6))
+    assert code == 2 and "--max-steps 6 (the checkpoint's run: 4)" in err and "--lr-schedule constant" in err
+
+    constant = ("--lr-schedule", "constant", "--warmup-steps", 1)
+    assert cli(capsys, *tiny_run(model, tmp_path / "constant", *constant))[0] == 0
+    code, out, err = cli(capsys, *tiny_run(model, tmp_path / "constant", *constant, "--resume", steps=6))
+    assert code == 0, err
+    assert json.loads((tmp_path / "constant" / "results.json").read_text())["steps"] == 6
+    # the same 6 steps in one go: the extended run is that run continued (the loss of every step)
+    assert cli(capsys, *tiny_run(model, tmp_path / "once", *constant, steps=6))[0] == 0
+
+    def losses(run):
+        return [json.loads(ln)["loss"] for ln in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+
+    assert losses("constant") == losses("once")
+
+
+@needs_data
+def test_several_runs_say_whose_line_it_is(tiny_models, tmp_path, capsys):  # noqa: F811
+    code, _, err = cli(capsys, *tiny_run(tiny_models["bert"], tmp_path / "s", "--seeds", "0,1", steps=2))
+    assert code == 0, err
+    steps = [ln for ln in err.splitlines() if " step 1/2" in ln]
+    assert sorted(ln.split()[0] for ln in steps) == ["[seed-0]", "[seed-1]"]
+
+
+@needs_data
+def test_a_model_whose_head_has_another_label_count_trains(tiny_models, tmp_path, capsys, caplog):  # noqa: F811
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    two = tmp_path / "two-labels"
+    AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"], num_labels=2).save_pretrained(two)
+    AutoTokenizer.from_pretrained(tiny_models["bert"]).save_pretrained(two)
+    for method in ("ept", "head"):
+        code, out, err = cli(capsys, *tiny_run(str(two), tmp_path / method, steps=2, method=method))
+        assert code == 0, err
+        assert "its classification head has 2 labels and the task has 3" in err + caplog.text  # (pytest takes logs)
+        assert cli(capsys, "evaluate", "--adapter", tmp_path / method)[0] == 0
+
+
+def test_an_adapter_saved_from_python_loads_into_a_server_given_its_task(tiny_models, tmp_path):  # noqa: F811
+    from eptkit.serve import RunningServer, ServeConfig, load_pool
+    from eptkit.tasks.errors import MissingTask
+
+    model, _ = make_model(tiny_models["bert"], "ept")
+    model.save_pretrained(tmp_path / "python-adapter")  # no eptkit_run.json: no task recorded
+    config = ServeConfig(port=0, log_level="warning", model=tiny_models["bert"])
+    with pytest.raises(MissingTask, match='POST /adapters field "task"'):
+        load_pool({"a": str(tmp_path / "python-adapter")}, config)
+    pool = load_pool({"a": str(tmp_path / "python-adapter")}, config, tasks={"a": "cb"})
+    with RunningServer(pool, config) as server:
+        body = json.dumps({"name": "b", "path": str(tmp_path / "python-adapter"), "task": "cb"}).encode()
+        import urllib.request
+
+        request = urllib.request.Request(server.url + "/adapters", data=body, method="POST")
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert response.status == 201 and json.loads(response.read())["task"] == "cb"
