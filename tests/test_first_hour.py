@@ -280,3 +280,17 @@ def test_an_adapter_saved_from_python_loads_into_a_server_given_its_task(tiny_mo
         request = urllib.request.Request(server.url + "/adapters", data=body, method="POST")
         with urllib.request.urlopen(request, timeout=60) as response:
             assert response.status == 201 and json.loads(response.read())["task"] == "cb"
+
+
+def test_the_gate_report_says_when_rows_repeat_the_instruction_start():
+    import random
+
+    from eptkit.inspection import _period, repeat_note
+
+    random.seed(0)
+    pattern = [[random.random() for _ in range(4)] for _ in range(8)]  # an 8-token instruction, repeated
+    rows = [[x + random.gauss(0, 0.01) for x in pattern[i % 8]] for i in range(60)]
+    assert _period(rows) == 8
+    assert _period([[random.random() for _ in range(4)] for _ in range(60)]) is None
+    assert "every 8 tokens" in repeat_note({"repeats_every": 8, "init": "text"})
+    assert repeat_note({"repeats_every": None}) is None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import textwrap
 from pathlib import Path
 
 from .config import CONFIG_CLASSES
@@ -149,18 +150,22 @@ def _gate_weights(config: dict, state: dict) -> dict:
     }
 
 
-def _period(rows: list[list[float]], share: float = 0.1) -> int | None:
-    """The smallest k <= len(rows) / 2 with row i close to row i + k for every i (within `share` of how much
-    the rows differ at all), else None. A prompt that starts as an instruction's k tokens repeated to fill
-    its length keeps (nearly) that period where training has not told the copies apart."""
+def _period(rows: list[list[float]], share: float = 0.25) -> int | None:
+    """The smallest lag k (up to half the rows) at which rows i and i + k differ, on average, by at most
+    `share` of what rows differ by at a typical lag (the median over lags), else None. A prompt that starts
+    as an instruction's k tokens repeated to fill its length keeps nearly that period: the copies of a
+    token start equal and training moves them alike."""
     m = len(rows)
-    spread = max((max(col) - min(col) for col in zip(*rows)), default=0.0)
-    if m < 2 or spread == 0:
+    if m < 4:
         return None
+    gaps = {}
     for k in range(1, m // 2 + 1):
-        if all(abs(a - b) <= share * spread for i in range(m - k) for a, b in zip(rows[i], rows[i + k])):
-            return k
-    return None
+        diffs = [abs(a - b) for i in range(m - k) for a, b in zip(rows[i], rows[i + k])]
+        gaps[k] = sum(diffs) / len(diffs)
+    typical = sorted(gaps.values())[len(gaps) // 2]
+    if typical == 0:
+        return None  # every row alike: no pattern to explain
+    return next((k for k, gap in gaps.items() if gap <= share * typical), None)
 
 
 def repeat_note(gates: dict) -> str | None:
@@ -189,7 +194,9 @@ def plot_gate_weights(gates: dict, path, title: str = "EPT gate weights") -> Non
     ax.set_ylabel("prompt token")
     ax.set_xticks(range(n))
     note = repeat_note(gates)
-    ax.set_title(f"{title}\ninitial value 1/N = {gates['initial']:.3f}" + (f"\n{note}" if note else ""), fontsize=8)
+    width = int(fig.get_size_inches()[0] * 12)  # characters per line at this font size
+    note = "\n" + textwrap.fill(note, width) if note else ""
+    ax.set_title(f"{title}\ninitial value 1/N = {gates['initial']:.3f}{note}", fontsize=8)
     fig.colorbar(image, ax=ax, label="gate weight w[token, k]")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
