@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 # Only modules without torch/transformers at the top: `eptkit --help`, `--version`, `info --task` and
-# argument errors never import them (tests/test_cli.py checks); commands import what they use.
+# argument errors never import them (tests/test_first_hour.py checks); commands import what they use.
 from .config import (CONFIG_CLASSES, LR_SCHEDULES, LR_UNITS, METHOD_NAMES, MIXED_PRECISION, MODULE_INITS, OPTIMIZERS,
                      PEFT_PROMPT_METHODS, POOLINGS, PROMPT_INITS, PROMPT_METHODS, REGRESSION_TARGETS, TEXT_POSITIONS,
                      EPTConfig, TrainConfig, default_text)
