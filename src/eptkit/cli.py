@@ -33,21 +33,10 @@ from typing import Any, Callable
 from .config import (CONFIG_CLASSES, LR_SCHEDULES, LR_UNITS, METHOD_NAMES, MIXED_PRECISION, MODULE_INITS, OPTIMIZERS,
                      PEFT_PROMPT_METHODS, POOLINGS, PROMPT_INITS, PROMPT_METHODS, REGRESSION_TARGETS, TEXT_POSITIONS,
                      EPTConfig, TrainConfig, default_text)
+from .console import (PROG, Parser, UsageError, check_output_dir, one_line, quiet_libraries, say, silence_stdout,
+                      summary)
 from .task_types import TASK_TYPES
 from .version import __version__
-
-PROG = "eptkit"
-
-
-class UsageError(ValueError):
-    """Bad command-line input; printed as one line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (no usage dump), exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 # ============================================================================ registry
@@ -214,7 +203,7 @@ def load_data(options: dict[str, Any], seed: int):
         for key in ("train_file", "validation_file", "test_file"):
             if options.get(key) and not Path(options[key]).is_file():
                 raise UsageError(f"{options[key]}: {_opt(key)[2:].replace('-', ' ')} not found")
-        _say(f"reading {options['train_file']}")
+        say(f"reading {options['train_file']}")
         return load_files(options["train_file"], options.get("validation_file"), options.get("test_file"),
                           text_columns=options.get("text_columns"), label_column=options.get("label_column") or "label",
                           name=options.get("task") or "custom")
@@ -227,7 +216,7 @@ def load_data(options: dict[str, Any], seed: int):
     spec = get_task(task)
     if data_dir is not None and not Path(data_dir).is_dir():
         raise UsageError(f"{data_dir}: data directory not found")
-    _say(f"reading the {spec.name} data from {data_dir or 'the Hugging Face Hub'}")
+    say(f"reading the {spec.name} data from {data_dir or 'the Hugging Face Hub'}")
     data = load_task(spec, data_dir, k_shot=options.get("k_shot"), k_shot_seed=seed)
     return data, spec
 
@@ -246,17 +235,17 @@ def train_command(args: argparse.Namespace) -> int:
         from .sweep import expand_runs, train_sweep
 
         for _, run in expand_runs(options, _valid_keys()):  # before any data is read
-            _check_output_dir(build_configs(run)[1])
+            check_output_dir(build_configs(run)[1])
         for results in train_sweep(options, build_configs=build_configs, load_data=load_data, valid_keys=_valid_keys()):
-            print(json.dumps(round_floats(_summary(results))))
+            print(json.dumps(round_floats(summary(results))))
         return 0
     method_config, train_config = build_configs(options)
-    _check_output_dir(train_config)
+    check_output_dir(train_config)
     model_path = resolve_model_path(options.get("model"))
     data, spec = load_data(options, train_config.seed)
     task_type = checkpoint_task_type(model_path, options.get("task_type") or "auto")
     set_seed(train_config.seed)
-    _say(f"loading the backbone ({model_path if options.get('model') else 'the bundled all-MiniLM-L6-v2'})")
+    say(f"loading the backbone ({model_path if options.get('model') else 'the bundled all-MiniLM-L6-v2'})")
     backbone, tokenizer = load_backbone(model_path, task_type, spec)
     try:
         model = build_model(backbone, options["method"], method_config, tokenizer=tokenizer,
@@ -276,31 +265,8 @@ def train_command(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        print(json.dumps(round_floats(_summary(results))))
+        print(json.dumps(round_floats(summary(results))))
     return 0
-
-
-def _say(text: str) -> None:
-    """A progress line on stderr (stdout carries the JSON summary), from the main process only."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"{PROG} train: {text}", file=sys.stderr, flush=True)
-
-
-def _check_output_dir(config) -> None:
-    """An earlier run's checkpoints in output_dir need --resume or --overwrite: said before any data is
-    read (the library says the same, in its own terms, when the run starts)."""
-    from .checkpoint import checkpoint_dirs
-
-    if checkpoint_dirs(Path(config.output_dir)) and not (config.resume or config.overwrite):
-        raise UsageError(f"{config.output_dir}: holds checkpoints of an earlier run; add --resume to continue it "
-                         "or --overwrite to start again")
-
-
-def _summary(results: dict) -> dict:
-    return {"task": results["task"], "method": results["method"], "best_step": results["best_step"],
-            "validation": results["validation"], "test": results["test"],
-            "trainable_params": results["trainable_params"], "train_time_s": round(results["train_time_s"], 2),
-            "output_dir": str(results["config"]["train"]["output_dir"])}
 
 
 # ============================================================================ evaluate
@@ -484,7 +450,7 @@ register_command("train", f"train an adapter ({', '.join(PROMPT_METHODS)}) or a 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Efficient prompt tuning (PT, DePT, EPT) for "
+    parser = Parser(prog=PROG, description="Efficient prompt tuning (PT, DePT, EPT) for "
                                      "Hugging Face models. Run `eptkit COMMAND --help` for a command's options.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -496,18 +462,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    if isinstance(e, KeyError):
-        text = f"missing key {text}"
-    return " ".join(text.split("\n")[0].split()) if "\n" in text else text
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     except BrokenPipeError:  # `eptkit ... | head`: the reader has gone, which is no error of ours
-        _silence_stdout()
+        silence_stdout()
         return 0
 
 
@@ -518,7 +477,7 @@ def _main(argv: list[str] | None) -> int:
         parser.print_help()
         return 2
     if args.command != "info" or args.adapter:  # a command that loads a model (info --task needs none)
-        _quiet_libraries()
+        quiet_libraries()
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's flush at exit
@@ -530,28 +489,8 @@ def _main(argv: list[str] | None) -> int:
     except (UsageError, ValueError, OSError) as e:  # AdapterError and DataError are ValueErrors
         if os.environ.get("EPTKIT_DEBUG"):
             raise
-        print(f"{PROG} {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"{PROG} {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
-
-
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null, so that Python's flush at exit does not fail on the closed pipe again."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        import datasets
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
-        datasets.logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        pass
 
 
 if __name__ == "__main__":

@@ -232,12 +232,11 @@ class Trainer:
         if self.report.bar is not None:
             self.report.bar.update(1)
             self.report.bar.set_postfix(loss=f"{loss:.4f}")
-        elif (s.step % (cfg.logging_steps or max(1, cfg.max_steps // 20)) == 0 or s.step == cfg.max_steps
-              or len(s.step_times) == 1):  # the first step at once: a long run says how long it will take
-            left = (cfg.max_steps - s.step) * sum(s.step_times) / len(s.step_times)
+        elif s.step % (cfg.logging_steps or max(1, cfg.max_steps // 20)) == 0 or s.step == cfg.max_steps \
+                or len(s.step_times) == 1:  # the first step at once: a long run says how long it will take
             self.report.print(f"step {s.step}/{cfg.max_steps}  loss {loss:.4f}  "
                               f"lr {' '.join(f'{k}={v:.2e}' for k, v in lrs.items())}  {dt:.3f} s/step"
-                              + (f"  (about {_duration(left)} of training left)" if s.step < cfg.max_steps else ""))
+                              + _time_left(cfg.max_steps - s.step, s.step_times))
         stop = False
         has_validation = len(self.encoded.get("validation", [])) > 0
         if has_validation and (s.step == cfg.max_steps or (cfg.eval_steps and s.step % cfg.eval_steps == 0)):
@@ -269,8 +268,8 @@ class Trainer:
             self.report.print(f"resumed from {resume_from} (step {s.step})")
         elif cfg.resume:
             self.report.print(f"--resume: no checkpoint in {self.output_dir / 'checkpoints'}; starting a fresh run")
-        self.report.print(f"training {cfg.max_steps - s.step} steps of {cfg.batch_size} rows "
-                          f"({len(self.encoded['train'])} training examples); output in {self.output_dir}")
+        self.report.print(f"training {cfg.max_steps - s.step} steps of {cfg.batch_size} rows ({len(self.encoded['train'])} "
+                          f"training examples); output in {self.output_dir}")
         self.report.open_bar(cfg.max_steps, s.step)
         self._rng_after_step, self._position_after_step = rng_state(), (s.epoch, s.batch)
         self._updating = False
@@ -436,11 +435,13 @@ class _StopFlag:
         return False
 
 
-def _duration(seconds: float) -> str:
-    """'45 s', '12 min', '1.5 h': a time estimate for people."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+def _time_left(steps_left: int, step_times: list[float]) -> str:
+    """'  (about 12 min of training left)' at the mean step time so far; '' after the last step."""
+    if steps_left <= 0 or not step_times:
+        return ""
+    seconds = steps_left * sum(step_times) / len(step_times)
+    text = f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+    return f"  (about {text} of training left)"
 
 
 def _fix_threads() -> int:
