@@ -170,7 +170,7 @@ def load_checkpoint(directory: Path, *, accelerator, config: TrainConfig, meta: 
     if "max_steps" in saved_config and saved_config["max_steps"] != config.max_steps:
         changed += _max_steps_change(saved_config, config, saved.get("step", 0))
     if changed:
-        diffs = ", ".join(f"--{k.replace('_', '-')} {getattr(config, k)!r} (the checkpoint's run: "
+        diffs = ", ".join(f"{k}={getattr(config, k)!r} (--{k.replace('_', '-')}; the checkpoint's run: "
                           f"{saved_config[k]!r})" for k in changed)
         hint = ("; a run extends to more steps only with --lr-schedule constant and --warmup-steps N (or no "
                 "warm-up), under which the longer run is the same run continued" if "max_steps" in changed else "")
