@@ -170,8 +170,8 @@ def load_checkpoint(directory: Path, *, accelerator, config: TrainConfig, meta: 
     if "max_steps" in saved_config and saved_config["max_steps"] != config.max_steps:
         changed += _max_steps_change(saved_config, config, saved.get("step", 0))
     if changed:
-        diffs = ", ".join(f"{k}={getattr(config, k)!r} (--{k.replace('_', '-')}; the checkpoint's run: "
-                          f"{saved_config[k]!r})" for k in changed)
+        diffs = ", ".join(f"{k}={saved_config[k]!r} in the checkpoint's run, --{k.replace('_', '-')} "
+                          f"{getattr(config, k)!r} now" for k in changed)
         hint = ("; a run extends to more steps only with --lr-schedule constant and --warmup-steps N (or no "
                 "warm-up), under which the longer run is the same run continued" if "max_steps" in changed else "")
         raise ValueError(f"{directory}: cannot resume with different settings: {diffs}{hint}")
