@@ -225,7 +225,7 @@ def test_resume_extends_max_steps_only_under_a_constant_schedule(tiny_models, tm
     model = tiny_models["bert"]
     assert cli(capsys, *tiny_run(model, tmp_path / "linear"))[0] == 0
     code, _, err = cli(capsys, *tiny_run(model, tmp_path / "linear", "--resume", steps=6))
-    assert code == 2 and "max_steps=6 (--max-steps; the checkpoint's run: 4)" in err and "--lr-schedule constant" in err
+    assert code == 2 and "max_steps=4 in the checkpoint's run, --max-steps 6 now" in err and "--lr-schedule constant" in err
 
     constant = ("--lr-schedule", "constant", "--warmup-steps", 1)
     assert cli(capsys, *tiny_run(model, tmp_path / "constant", *constant))[0] == 0

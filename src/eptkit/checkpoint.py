@@ -165,20 +165,20 @@ def load_checkpoint(directory: Path, *, accelerator, config: TrainConfig, meta: 
     if saved.get("num_processes", 1) != acc.num_processes:
         raise ValueError(f"{directory}: checkpoint was written by {saved['num_processes']} process(es); "
                          f"resume with the same number (now {acc.num_processes})")
+    if saved.get("method_config") != meta["method_config"] or saved.get("method") != meta["method"]:
+        raise ValueError(f"{directory}: checkpoint is of method {saved.get('method')!r} with "
+                         f"{saved.get('method_config')}; the model now is {meta['method']!r} with "
+                         f"{meta['method_config']}")
     saved_config = saved.get("config", {})
     changed = [k for k in TRAJECTORY_FIELDS if k in saved_config and saved_config[k] != getattr(config, k)]
     if "max_steps" in saved_config and saved_config["max_steps"] != config.max_steps:
         changed += _max_steps_change(saved_config, config, saved.get("step", 0))
     if changed:
-        diffs = ", ".join(f"{k}={getattr(config, k)!r} (--{k.replace('_', '-')}; the checkpoint's run: "
-                          f"{saved_config[k]!r})" for k in changed)
+        diffs = ", ".join(f"{k}={saved_config[k]!r} in the checkpoint's run, --{k.replace('_', '-')} "
+                          f"{getattr(config, k)!r} now" for k in changed)
         hint = ("; a run extends to more steps only with --lr-schedule constant and --warmup-steps N (or no "
                 "warm-up), under which the longer run is the same run continued" if "max_steps" in changed else "")
         raise ValueError(f"{directory}: cannot resume with different settings: {diffs}{hint}")
-    if saved.get("method_config") != meta["method_config"] or saved.get("method") != meta["method"]:
-        raise ValueError(f"{directory}: checkpoint is of method {saved.get('method')!r} with "
-                         f"{saved.get('method_config')}; the model now is {meta['method']!r} with "
-                         f"{meta['method_config']}")
     model.load_adapter_state_dict(load_file(str(directory / "trainable.safetensors")))
     best_path = directory / "best.safetensors"
     best = load_file(str(best_path)) if best_path.is_file() else None
