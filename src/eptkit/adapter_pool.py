@@ -29,7 +29,7 @@ from .evaluation import predict_mixed
 from .model import FoldedPrompt, PromptedModel, fold_adapter, load_adapter, remove_adapter
 from .runs import read_trained
 from .tasks.formatting import encode_input_rows, prediction_label
-from .tasks.errors import DataError
+from .tasks.errors import DataError, MissingTask
 from .tasks.loading import check_columns
 from .tasks.registry import TaskSpec
 
@@ -71,8 +71,9 @@ class AdapterPool:
         self.task_type: str | None = None
         self.adapters: dict[str, ServedAdapter] = {}
 
-    def load(self, name: str, directory) -> ServedAdapter:
-        """Add the trained adapter in `directory` under `name`; AdapterError/DataError say why one is refused."""
+    def load(self, name: str, directory, task: str | None = None) -> ServedAdapter:
+        """Add the trained adapter in `directory` under `name`; AdapterError/DataError say why one is refused.
+        task: the adapter's task, for one that does not record it (saved from the Python API)."""
         if name in self.adapters:
             raise NameConflict(f"name: an adapter named {name!r} is loaded already; unload it first")
         pickled = Path(directory) / DEPT_WEIGHTS_NAME
@@ -80,7 +81,11 @@ class AdapterPool:
             # Even weights-only unpickling is more than a server that loads adapters on request should run.
             raise AdapterError(f"{pickled}: a DePT checkpoint is a pickle and the server reads safetensors only; "
                                "convert it first (eptkit export --format folded)")
-        trained = read_trained(directory, model=self.override)
+        try:
+            trained = read_trained(directory, model=self.override, task=task)
+        except MissingTask:
+            raise MissingTask(f"{directory}: the adapter does not record its task; give it (POST /adapters field "
+                            f"\"task\", or eptkit serve --task {name}=TASK)") from None
         method = (trained.baseline or {}).get("method") or trained.run.get("method")
         if trained.baseline is not None:
             raise AdapterError(f"{directory}: a {method!r} run changes the backbone itself and cannot share it; "

@@ -9,6 +9,7 @@ records about it, and the limits it puts on the prompt.
 from __future__ import annotations
 
 import importlib.resources
+import logging
 import os
 from pathlib import Path
 
@@ -46,6 +47,14 @@ def load_backbone(model_path: str, task_type: str, spec=None, num_labels: int | 
         kwargs = {"num_labels": n}
         if spec is not None and spec.is_regression:
             kwargs["problem_type"] = "regression"
+        saved = _saved_head_labels(model_path)
+        if saved is not None and saved != n:
+            # A fine-tuned classifier for another label set: its head cannot serve this task, the rest can.
+            # transformers would stop with a RuntimeError; draw a new head of the task's size instead.
+            kwargs["ignore_mismatched_sizes"] = True
+            logging.getLogger("eptkit").warning(
+                "%s: its classification head has %d labels and the task has %d; a new %d-label head replaces it",
+                model_path, saved, n, n)
         model = AutoModelForSequenceClassification.from_pretrained(model_path, **kwargs)
         if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
             model.config.pad_token_id = tokenizer.pad_token_id
@@ -56,6 +65,20 @@ def load_backbone(model_path: str, task_type: str, spec=None, num_labels: int | 
     if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _saved_head_labels(model_path: str) -> int | None:
+    """The label count of the classification head a checkpoint holds (None: it holds none, e.g. a bare
+    encoder such as all-MiniLM-L6-v2, or its config cannot be read here)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError):
+        return None
+    if not any(a.endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or [])):
+        return None
+    return int(config.num_labels)
 
 
 def backbone_facts(model: nn.Module) -> dict:

@@ -143,6 +143,18 @@ def save_checkpoint(output_dir: Path, state: RunState, *, accelerator, trainable
     return final
 
 
+def _max_steps_change(saved_config: dict, config: TrainConfig, step: int) -> list[str]:
+    """["max_steps"] when a new max_steps would change the resumed run's trajectory, else [].
+
+    With a linear schedule the rates decay to 0 at max_steps, so every step after the checkpoint would
+    differ; with a constant schedule and a warm-up counted in steps (or none) a longer run is the same
+    run continued, which is what extending a finished run means."""
+    fixed_warmup = config.warmup_steps > 0 or config.warmup_ratio == 0
+    if config.lr_schedule == "constant" and fixed_warmup and config.max_steps >= step:
+        return []
+    return ["max_steps"]
+
+
 def load_checkpoint(directory: Path, *, accelerator, config: TrainConfig, meta: dict, model, optimizer,
                     scheduler) -> tuple[RunState, dict | None]:
     """Restore model tensors, optimizer, scheduler and this process's RNG from `directory`; return the
@@ -153,15 +165,20 @@ def load_checkpoint(directory: Path, *, accelerator, config: TrainConfig, meta: 
     if saved.get("num_processes", 1) != acc.num_processes:
         raise ValueError(f"{directory}: checkpoint was written by {saved['num_processes']} process(es); "
                          f"resume with the same number (now {acc.num_processes})")
-    saved_config = saved.get("config", {})
-    changed = [k for k in TRAJECTORY_FIELDS if k in saved_config and saved_config[k] != getattr(config, k)]
-    if changed:
-        diffs = ", ".join(f"{k}={saved_config[k]!r} (now {getattr(config, k)!r})" for k in changed)
-        raise ValueError(f"{directory}: cannot resume with different settings: {diffs}")
     if saved.get("method_config") != meta["method_config"] or saved.get("method") != meta["method"]:
         raise ValueError(f"{directory}: checkpoint is of method {saved.get('method')!r} with "
                          f"{saved.get('method_config')}; the model now is {meta['method']!r} with "
                          f"{meta['method_config']}")
+    saved_config = saved.get("config", {})
+    changed = [k for k in TRAJECTORY_FIELDS if k in saved_config and saved_config[k] != getattr(config, k)]
+    if "max_steps" in saved_config and saved_config["max_steps"] != config.max_steps:
+        changed += _max_steps_change(saved_config, config, saved.get("step", 0))
+    if changed:
+        diffs = ", ".join(f"{k}={saved_config[k]!r} in the checkpoint's run, --{k.replace('_', '-')} "
+                          f"{getattr(config, k)!r} now" for k in changed)
+        hint = ("; a run extends to more steps only with --lr-schedule constant and --warmup-steps N (or no "
+                "warm-up), under which the longer run is the same run continued" if "max_steps" in changed else "")
+        raise ValueError(f"{directory}: cannot resume with different settings: {diffs}{hint}")
     model.load_adapter_state_dict(load_file(str(directory / "trainable.safetensors")))
     best_path = directory / "best.safetensors"
     best = load_file(str(best_path)) if best_path.is_file() else None

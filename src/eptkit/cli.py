@@ -28,21 +28,15 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+# Only modules without torch/transformers at the top: `eptkit --help`, `--version`, `info --task` and
+# argument errors never import them (tests/test_first_hour.py checks); commands import what they use.
 from .config import TrainConfig
-from .options import UsageError, add_dataclass_arguments, add_method_arguments, build_configs, load_data
+from .console import PROG, Parser, UsageError, check_output_dir, one_line, quiet_libraries, say, silence_stdout, summary
+from .options import add_dataclass_arguments, add_method_arguments, build_configs, load_data
 from .options import method_settings, resolve, run_info
 from .registry import method_names, prompt_methods
 from .task_types import TASK_TYPES
 from .version import __version__
-
-PROG = "eptkit"
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (no usage dump), exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 # ============================================================================ registry
@@ -109,16 +103,20 @@ def train_command(args: argparse.Namespace) -> int:
 
     options = resolve_train_options(args)
     if options.get("seeds") is not None or options.get("sweep"):
-        from .sweep import train_sweep
+        from .sweep import expand_runs, train_sweep
 
+        for _, run in expand_runs(options):  # before any data is read
+            check_output_dir(build_configs(run)[1])
         for results in train_sweep(options):
-            print(json.dumps(round_floats(_summary(results))))
+            print(json.dumps(round_floats(summary(results))))
         return 0
     method_config, train_config = build_configs(options)
-    data, spec = load_data(options, train_config.seed)
+    check_output_dir(train_config)
     model_path = resolve_model_path(options.get("model"))
+    data, spec = load_data(options, train_config.seed)
     task_type = checkpoint_task_type(model_path, options.get("task_type") or "auto")
     set_seed(train_config.seed)
+    say(f"loading the backbone ({model_path if options.get('model') else 'the bundled all-MiniLM-L6-v2'})")
     backbone, tokenizer = load_backbone(model_path, task_type, spec)
     try:
         model = build_model(backbone, options["method"], method_config, tokenizer=tokenizer,
@@ -132,15 +130,8 @@ def train_command(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        print(json.dumps(round_floats(_summary(results))))
+        print(json.dumps(round_floats(summary(results))))
     return 0
-
-
-def _summary(results: dict) -> dict:
-    return {"task": results["task"], "method": results["method"], "best_step": results["best_step"],
-            "validation": results["validation"], "test": results["test"],
-            "trainable_params": results["trainable_params"], "train_time_s": round(results["train_time_s"], 2),
-            "output_dir": str(results["config"]["train"]["output_dir"])}
 
 
 # ============================================================================ evaluate
@@ -151,7 +142,7 @@ def _evaluate_parser(parser):
     parser.add_argument("--split", default="test", choices=("train", "validation", "test"), help="Split (default test).")
     parser.add_argument("--data-dir", help="Data folder (default: the one used in training, $EPTKIT_DATA_DIR, the Hub).")
     parser.add_argument("--model", help="Backbone path or Hub id (default: the one recorded with the adapter).")
-    parser.add_argument("--batch-size", type=int, default=64, help="Evaluation batch size.")
+    parser.add_argument("--batch-size", type=int, default=64, help="Evaluation batch size (default: 64).")
     parser.add_argument("--max-eval-samples", type=int, help="Score a seeded random subset of this many rows "
                         "(default: the run's own --max-eval-samples, so the score is the one it reported; 0: all).")
     parser.add_argument("--test-file", help="Score your own labelled file (.jsonl, .csv or .tsv) instead of a "
@@ -185,10 +176,11 @@ def evaluate_command(args) -> int:
 def _predict_parser(parser):
     parser.add_argument("--adapter", required=True, help="Output dir of `eptkit train`, or an adapter dir.")
     parser.add_argument("--input", required=True, help="Rows to label (.jsonl, .csv or .tsv) with the task's text columns.")
-    parser.add_argument("--output", required=True, help="JSONL file: each input row plus 'prediction' (label name).")
+    parser.add_argument("--output", required=True, help="JSONL file: each input row plus 'prediction' (label name); "
+                                                         "'-' writes the rows to standard output.")
     parser.add_argument("--task", help="Task (default: the one the adapter was trained on).")
     parser.add_argument("--model", help="Backbone path or Hub id (default: the one recorded with the adapter).")
-    parser.add_argument("--batch-size", type=int, default=64, help="Batch size.")
+    parser.add_argument("--batch-size", type=int, default=64, help="Batch size (default: 64).")
     return predict_command
 
 
@@ -201,6 +193,10 @@ def predict_command(args) -> int:
         raise UsageError(f"{input_path}: input file not found")
     model, tokenizer, spec, run = load_trained(args.adapter, model=args.model, task=args.task)
     rows = predict_file(model, tokenizer, spec, run, input_path, batch_size=args.batch_size)
+    if args.output == "-":  # a pipe: the rows alone, no summary line
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+        return 0
     out_path = Path(args.output)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_lines(out_path, [json.dumps(row, ensure_ascii=False) for row in rows])
@@ -322,7 +318,7 @@ register_command("train", f"train an adapter ({', '.join(prompt_methods())}) or 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Efficient prompt tuning (PT, DePT, EPT) for "
+    parser = Parser(prog=PROG, description="Efficient prompt tuning (PT, DePT, EPT) for "
                                      "Hugging Face models. Run `eptkit COMMAND --help` for a command's options.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -334,46 +330,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    if isinstance(e, KeyError):
-        text = f"missing key {text}"
-    return " ".join(text.split("\n")[0].split()) if "\n" in text else text
-
-
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `eptkit ... | head`: the reader has gone, which is no error of ours
+        silence_stdout()
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    _quiet_libraries()
-    from .adapter_files import AdapterError
-    from .tasks.errors import DataError
-
+    if args.command != "info" or args.adapter:  # a command that loads a model (info --task needs none)
+        quiet_libraries()
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's flush at exit
+        return code
     except KeyboardInterrupt:
         return 130
-    except (UsageError, AdapterError, DataError, ValueError, OSError) as e:
+    except BrokenPipeError:
+        raise
+    except (UsageError, ValueError, OSError) as e:  # AdapterError and DataError are ValueErrors
         if os.environ.get("EPTKIT_DEBUG"):
             raise
-        print(f"{PROG} {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"{PROG} {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        import datasets
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
-        datasets.logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        pass
 
 
 if __name__ == "__main__":

@@ -239,7 +239,10 @@ class TrainConfig:
         "loss in units of their variance (the first steps then learn the variation, not the mean; predictions "
         "stay in label units); 'raw' trains on the labels as they are.", default="standardize")
     resume: bool = _help("Continue from the newest checkpoint in output_dir/checkpoints; with none there a "
-                         "fresh run starts and says so on stderr.", default=False)
+                         "fresh run starts and says so on stderr. Every setting that changes the trajectory must "
+                         "be the checkpoint's; max_steps may grow only under lr_schedule 'constant' with the "
+                         "warm-up in warmup_steps (or none): the longer run then continues the same run.",
+                         default=False)
     overwrite: bool = _help("Start afresh even if output_dir holds checkpoints of an earlier run.", default=False)
 
     def __post_init__(self):

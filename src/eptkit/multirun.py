@@ -54,10 +54,10 @@ class _RunTrainer(Trainer):
 
     def __init__(self, model, tokenizer, run: RunSpec, accelerator):
         self.adapter_name = run.name
-        self.label = f"{run.name}: "
         model.set_adapter(run.name)
         super().__init__(model, tokenizer, run.task, run.data, run.config, run_info=run.run_info,
                          accelerator=accelerator)
+        self.report.prefix = f"[{run.name}] "  # the runs' lines interleave
 
     @property
     def unwrapped(self):

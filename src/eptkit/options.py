@@ -19,7 +19,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import TrainConfig, default_text
+from .config import (LR_SCHEDULES, LR_UNITS, MIXED_PRECISION, MODULE_INITS, OPTIMIZERS, POOLINGS, PROMPT_INITS,
+                     REGRESSION_TARGETS, TEXT_POSITIONS, TrainConfig, default_text)
+from .console import UsageError, say
 from .registry import METHODS, config_classes, get_method
 
 DOC_KEYS = ("description", "source", "comment")
@@ -30,8 +32,10 @@ TRAIN_EXTRA = {"task": None, "method": "ept", "model": None, "data_dir": None, "
 NOT_PER_RUN = ("seeds", "sweep", "config", "output_dir")  # options every run of a sweep shares
 
 
-class UsageError(ValueError):
-    """Bad command-line input; printed as one line."""
+# Options whose values are a fixed set: argparse lists them in --help and refuses others at once.
+CHOICES = {"init": PROMPT_INITS, "pooling": POOLINGS, "text_positions": TEXT_POSITIONS, "module_init": MODULE_INITS,
+           "lr_unit": LR_UNITS, "optimizer": OPTIMIZERS, "regression_targets": REGRESSION_TARGETS,
+           "lr_schedule": LR_SCHEDULES, "mixed_precision": MIXED_PRECISION}
 
 
 def flag(name: str) -> str:
@@ -208,6 +212,10 @@ def load_data(options: dict[str, Any], seed: int):
     if options.get("train_file"):
         if options.get("k_shot"):
             raise UsageError("--k-shot applies to the named tasks, not to --train-file")
+        for key in ("train_file", "validation_file", "test_file"):
+            if options.get(key) and not Path(options[key]).is_file():
+                raise UsageError(f"{options[key]}: {flag(key)[2:].replace('-', ' ')} not found")
+        say(f"reading {options['train_file']}")
         return load_files(options["train_file"], options.get("validation_file"), options.get("test_file"),
                           text_columns=options.get("text_columns"), label_column=options.get("label_column") or "label",
                           name=options.get("task") or "custom")
@@ -220,6 +228,7 @@ def load_data(options: dict[str, Any], seed: int):
     spec = get_task(task)
     if data_dir is not None and not Path(data_dir).is_dir():
         raise UsageError(f"{data_dir}: data directory not found")
+    say(f"reading the {spec.name} data from {data_dir or 'the Hugging Face Hub'}")
     data = load_task(spec, data_dir, k_shot=options.get("k_shot"), k_shot_seed=seed)
     return data, spec
 
@@ -241,7 +250,8 @@ def add_dataclass_arguments(group, fields, *, suppress: bool = False, defaults: 
         kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
         shown = defaults(f.name) if defaults else ("" if "default" in text or f.default is None
                                                     else f"(default: {f.default})")
-        group.add_argument(flag(f.name), type=kind, default=default, help=f"{text} {shown}".strip())
+        group.add_argument(flag(f.name), type=kind, default=default, choices=CHOICES.get(f.name),
+                           help=f"{text} {shown}".strip())
 
 
 def add_method_arguments(group) -> None:

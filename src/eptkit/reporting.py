@@ -18,6 +18,7 @@ class Report:
 
     def __init__(self, log_path: Path, is_main: bool):
         self.log_path, self.is_main, self.bar = log_path, is_main, None
+        self.prefix = ""  # several runs in one process: "[name] ", so that each line says whose it is
 
     def open_bar(self, total: int, initial: int) -> None:
         if self.is_main and sys.stderr.isatty():
@@ -30,16 +31,20 @@ class Report:
             self.bar.close()
             self.bar = None
 
-    def progress(self, step: int, config, loss: float, lrs: dict, dt: float) -> None:
-        """The bar moves every step; without a terminal, a line every logging_steps (about 20 a run)."""
+    def progress(self, step: int, config, loss: float, lrs: dict, dt: float, step_times: list[float]) -> None:
+        """The bar moves every step; without a terminal, a line every logging_steps (about 20 a run), and
+        one after the first step at once: a long run says how long it will take."""
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.4f}")
-        elif step % (config.logging_steps or max(1, config.max_steps // 20)) == 0 or step == config.max_steps:
+        elif step % (config.logging_steps or max(1, config.max_steps // 20)) == 0 or step == config.max_steps \
+                or len(step_times) == 1:
             self.print(f"step {step}/{config.max_steps}  loss {loss:.4f}  "
-                       f"lr {' '.join(f'{k}={v:.2e}' for k, v in lrs.items())}  {dt:.3f} s/step")
+                       f"lr {' '.join(f'{k}={v:.2e}' for k, v in lrs.items())}  {dt:.3f} s/step"
+                       + time_left(config.max_steps - step, step_times))
 
     def print(self, text: str) -> None:
+        text = self.prefix + text
         if self.is_main:
             if self.bar is not None:
                 self.bar.write(text, file=sys.stderr)
@@ -50,6 +55,15 @@ class Report:
         if self.is_main:
             with open(self.log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def time_left(steps_left: int, step_times: list[float]) -> str:
+    """'  (about 12 min of training left)' at the mean step time so far; '' after the last step."""
+    if steps_left <= 0 or not step_times:
+        return ""
+    seconds = steps_left * sum(step_times) / len(step_times)
+    text = f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+    return f"  (about {text} of training left)"
 
 
 def run_results(trainer, stopped_early: bool, test_metrics: dict | None) -> dict:

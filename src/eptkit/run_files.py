@@ -35,8 +35,8 @@ def prepare_output_dir(output_dir: Path, config, run_info: dict, accelerator) ->
     if config.resume and existing:
         resume_from = existing[-1]
     elif existing and not config.overwrite and not config.resume:
-        raise ValueError(f"{output_dir}: holds checkpoints of an earlier run; pass resume=True "
-                         "(--resume) to continue it or overwrite=True (--overwrite) to start again")
+        raise ValueError(f"{output_dir}: holds checkpoints of an earlier run; set resume=True to continue it "
+                         "or overwrite=True to start again (eptkit train: --resume, --overwrite)")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)

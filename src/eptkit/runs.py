@@ -13,7 +13,7 @@ from .batching import subsample, text_max_length
 from .evaluation import evaluate_rows, predict_rows
 from .model import load_adapter
 from .task_types import checkpoint_task_type
-from .tasks.errors import DataError
+from .tasks.errors import DataError, MissingTask
 from .run_files import read_run_info
 from .tasks.formatting import encode, encode_input_rows, prediction_label
 from .tasks.loading import check_columns, load_files, load_labelled_file, load_task, read_rows
@@ -27,7 +27,7 @@ def task_spec_for(run: dict, task: str | None) -> TaskSpec:
         return TaskSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in run["task_spec"].items()})
     if run.get("task"):
         return get_task(run["task"])
-    raise DataError("the adapter does not record its task; pass --task")
+    raise MissingTask("the adapter does not record its task; pass --task")
 
 
 @dataclass

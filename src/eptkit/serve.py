@@ -37,11 +37,13 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from .adapter_files import AdapterError
-from .adapter_pool import AdapterPool, NameConflict, UnknownAdapter
 from .tasks.errors import DataError
-from .tasks.formatting import RowTooLong
+
+# The pool (torch, transformers) is imported where it is used: `eptkit --help` builds serve's parser.
+if TYPE_CHECKING:
+    from .adapter_pool import AdapterPool
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -62,8 +64,11 @@ class ServeConfig:
     max_rows: int = field(default=64, metadata={"help": "Most rows in one request (more: 413)."})
     max_body_bytes: int = field(default=1 << 20, metadata={"help": "Largest request body in bytes (more: 413)."})
     fold: bool = field(default=True, metadata={
-        "help": "Fold each adapter's prompt side into constants at load, as a folded adapter file holds it (the default; "
-                "--no-fold keeps the adapters as trained)."})
+        "help": "Fold each adapter's prompt side into constants at load, as a folded adapter file holds it "
+                "(the default).",
+        # what the command-line flag, --no-fold, does
+        "flag_help": "Serve the adapters as trained: do not fold their prompt side into constants at load "
+                     "(folding, the default, answers the same to float precision and is faster)."})
     log_level: str = field(default="info", metadata={"help": "uvicorn's log level (info logs every request)."})
 
     def __post_init__(self):
@@ -88,11 +93,11 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def parse_adapter_option(text: str) -> tuple[str, str]:
-    """'NAME=DIR' (an --adapter option) -> (name, dir)."""
+def parse_adapter_option(text: str, what: str = "--adapter", value: str = "DIR") -> tuple[str, str]:
+    """'NAME=DIR' (an --adapter option; --task: NAME=TASK) -> (name, dir)."""
     name, sep, path = text.partition("=")
     if not sep or not path:
-        raise ValueError(f"--adapter: expected NAME=DIR, got {text!r}")
+        raise ValueError(f"{what}: expected NAME={value}, got {text!r}")
     check_name(name)
     return name, path
 
@@ -211,6 +216,9 @@ def _run_control(pool: AdapterPool, action) -> list:
 
 def _run_batch(pool: AdapterPool, requests: list[tuple[str, list]]) -> list:
     """On the model thread: encode each request (a bad one fails alone), then one mixed batch for the rest."""
+    from .adapter_pool import UnknownAdapter
+    from .tasks.formatting import RowTooLong
+
     results: list = [None] * len(requests)
     names, rows, spans = [], [], []
     for i, (adapter, raw) in enumerate(requests):
@@ -241,6 +249,8 @@ def _error(status: int, message: str):
 
 
 def _status_of(e: BaseException) -> int:
+    from .adapter_pool import NameConflict, UnknownAdapter
+
     if isinstance(e, HTTPError):
         return e.status
     if isinstance(e, UnknownAdapter):
@@ -315,12 +325,16 @@ def build_app(pool: AdapterPool, config: ServeConfig):
         return JSONResponse({"adapters": pool.describe()})
 
     async def add_adapter(request):
-        body = await _json_body(request, config.max_body_bytes, {"name", "path"}, {"name", "path"})
-        name, path = check_name(body["name"]), body["path"]
+        from .adapter_files import AdapterError
+
+        body = await _json_body(request, config.max_body_bytes, {"name", "path", "task"}, {"name", "path"})
+        name, path, task = check_name(body["name"]), body["path"], body.get("task")
         if not isinstance(path, str):
             raise HTTPError(400, f"path: expected a directory (a string), got {type(path).__name__}")
+        if task is not None and not isinstance(task, str):
+            raise HTTPError(400, f"task: expected a task name (a string), got {type(task).__name__}")
         try:
-            served = await batcher.control(lambda p: p.load(name, path).describe())
+            served = await batcher.control(lambda p: p.load(name, path, task=task).describe())
         except (AdapterError, DataError, OSError) as e:  # the directory is refused, with the reason
             raise HTTPError(422, f"path: cannot load {path}: {e}") from None
         return JSONResponse(served, status_code=201)
@@ -356,12 +370,19 @@ def build_app(pool: AdapterPool, config: ServeConfig):
 
 
 # ---------------------------------------------------------------------------- running it
-def load_pool(adapters: dict[str, str], config: ServeConfig) -> AdapterPool:
+def load_pool(adapters: dict[str, str], config: ServeConfig, tasks: dict[str, str] | None = None) -> AdapterPool:
+    """The pool serving `adapters` (name -> directory); `tasks` (name -> task) for adapters that do not
+    record their task (saved from the Python API)."""
+    from .adapter_pool import AdapterPool
+
     if not adapters:
         raise ValueError("--adapter: give at least one NAME=DIR (it decides the backbone)")
+    unknown = sorted(set(tasks or {}) - set(adapters))
+    if unknown:
+        raise ValueError(f"--task: no --adapter is named {unknown[0]!r}")
     pool = AdapterPool(config.model, fold=config.fold)
     for name, path in adapters.items():
-        pool.load(check_name(name), path)
+        pool.load(check_name(name), path, task=(tasks or {}).get(name))
     return pool
 
 
@@ -393,11 +414,11 @@ class RunningServer:
         self.stop()
 
 
-def serve(adapters: dict[str, str], config: ServeConfig) -> None:
+def serve(adapters: dict[str, str], config: ServeConfig, tasks: dict[str, str] | None = None) -> None:
     """Load the adapters and serve until interrupted (`eptkit serve`)."""
     import uvicorn
 
-    pool = load_pool(adapters, config)
+    pool = load_pool(adapters, config, tasks)
     print(f"eptkit serve: {len(pool.adapters)} adapter(s) on {pool.model_path}: http://{config.host}:{config.port}",
           flush=True)
     uvicorn.run(build_app(pool, config), host=config.host, port=config.port, log_level=config.log_level)
@@ -410,12 +431,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--adapter", action="append", required=True, metavar="NAME=DIR",
                         help="An adapter to serve under NAME (output dir of `eptkit train`, or an adapter dir); "
                              "repeat for more.")
+    parser.add_argument("--task", action="append", default=[], metavar="NAME=TASK",
+                        help="The task of adapter NAME, for an adapter that does not record one (saved with "
+                             "save_pretrained from Python); repeat for more. POST /adapters takes a \"task\" field.")
     for f in dataclasses.fields(ServeConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
             flag = flag if not f.default else "--no-" + flag[2:]
             parser.add_argument(flag, dest=f.name, action="store_const", const=not f.default, default=f.default,
-                                help=f.metadata["help"])
+                                help=f.metadata.get("flag_help", f.metadata["help"]))
             continue
         kind = {"int": int, "float": float}.get(str(f.type), str)
         given = "default" in f.metadata["help"] or f.default is None  # the help says it already
@@ -430,5 +454,6 @@ def run_command(args) -> int:
     adapters = dict(parse_adapter_option(a) for a in args.adapter)
     if len(adapters) < len(args.adapter):
         raise ValueError("--adapter: the same NAME is given twice")
-    serve(adapters, config)
+    tasks = dict(parse_adapter_option(a, what="--task", value="TASK") for a in args.task)
+    serve(adapters, config, tasks)
     return 0

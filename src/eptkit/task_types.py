@@ -7,7 +7,10 @@
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where a model is, not by the CLI's parser
+    from torch import nn
 
 TASK_TYPES = ("classification", "seq2seq", "causal")
 # The same task types under the names of PEFT's `TaskType` enum (adapter_config.json's "task_type").

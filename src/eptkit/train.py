@@ -226,7 +226,7 @@ class Trainer:
         record = {"step": s.step, "epoch": s.epoch, "loss": loss, "lr": lrs, "grad_norm": grad_norm,
                   "step_time_s": dt, "tokens_per_s": tokens / dt if dt else None,
                   "peak_memory_mb": peak_memory_mb(acc.device)}
-        self.report.progress(s.step, cfg, loss, lrs, dt)
+        self.report.progress(s.step, cfg, loss, lrs, dt, s.step_times)
         stop = False
         has_validation = len(self.encoded.get("validation", [])) > 0
         if has_validation and (s.step == cfg.max_steps or (cfg.eval_steps and s.step % cfg.eval_steps == 0)):
@@ -251,7 +251,6 @@ class Trainer:
     # -------------------------------------------------------------- the loop
     # The public seam: begin(), then step() (or next_rows / update / end_step, for a loop that runs the
     # forward and backward itself, as eptkit.multirun does) until done, finish(); interrupted() on Ctrl-C.
-    label = ""  # prefixes this run's messages (several runs in one process)
 
     @property
     def done(self) -> bool:
@@ -263,10 +262,11 @@ class Trainer:
         resume_from = prepare_output_dir(self.output_dir, cfg, self.run_info, self.accelerator)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
-            self.report.print(f"{self.label}resumed from {resume_from} (step {self.state.step})")
+            self.report.print(f"resumed from {resume_from} (step {self.state.step})")
         elif cfg.resume:
-            self.report.print(f"{self.label}--resume: no checkpoint in {self.output_dir / 'checkpoints'}; "
-                              "starting a fresh run")
+            self.report.print(f"--resume: no checkpoint in {self.output_dir / 'checkpoints'}; starting a fresh run")
+        self.report.print(f"training {cfg.max_steps - self.state.step} steps of {cfg.batch_size} rows "
+                          f"({len(self.encoded['train'])} training examples); output in {self.output_dir}")
         self._rng_after_step, self._position_after_step = rng_state(), (self.state.epoch, self.state.batch)
         self._updating = False
 
@@ -305,14 +305,14 @@ class Trainer:
         """Ctrl-C: checkpoint the end of the last complete step, unless the interrupt hit the update."""
         self.report.close_bar()
         if self._updating:  # a hard interrupt inside the weight update: the weights may be half-updated
-            self.report.print(f"{self.label}interrupted during the update of step {self.state.step + 1}; no "
+            self.report.print(f"interrupted during the update of step {self.state.step + 1}; no "
                               "checkpoint written, --resume continues from the last periodic one")
             return
         # A hard interrupt between micro-batches: forget their data position and gradients.
         self.state.epoch, self.state.batch = self._position_after_step
         self.optimizer.zero_grad(set_to_none=True)
         path = self.save_checkpoint(self._rng_after_step)
-        self.report.print(f"{self.label}interrupted at step {self.state.step}; checkpoint written to {path}; "
+        self.report.print(f"interrupted at step {self.state.step}; checkpoint written to {path}; "
                           "continue with --resume (resume=True)")
 
     # -------------------------------------------------------------- before and after

@@ -7,3 +7,7 @@ class DataError(ValueError):
     The message always says *where* (file, line or row when known) and *what* is wrong, so a user can
     fix the input without reading a traceback. Subclasses ValueError so generic handlers still work.
     """
+
+
+class MissingTask(DataError):
+    """An adapter that does not record its task (saved from the Python API) and none was given."""
