@@ -36,7 +36,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from accuracy_grid import METHOD_ARGS, selected_lrs
+from accuracy_grid import METHOD_ARGS, base_method, selected_lrs
 from plateau_report import TASKS, read_csv, report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,7 +178,7 @@ def cells_for(phase: str, opts) -> list[tuple]:
 def run_cell(task, method, seed, opts, rates) -> None:
     from eptkit.tasks.registry import get_task
 
-    cmd = command_for(task, method, seed, opts.steps, opts, rates[method.split("_")[0]])
+    cmd = command_for(task, method, seed, opts.steps, opts, rates[base_method(method)])
     run_dir = ROOT / cmd[cmd.index("--output-dir") + 1]
     meta = {"task": task, "method": method, "seed": seed, "batch_size": opts.batch_size,
             "eval_steps": opts.eval_steps, "metric": get_task(task).main_metric,
