@@ -6,7 +6,7 @@ key (`normalize`), and every on-by-default switch is accepted as `no-NAME: true`
 method's config fields, and the options a baseline declares. `resolve` merges defaults < recipe <
 command line, `build_configs` turns options into (method config, TrainConfig), `run_info` is what a run
 records of them (for `eptkit evaluate`), and `add_dataclass_arguments` turns a config dataclass into
-argparse options (train and serve). No torch or transformers import at module level: `eptkit --help`
+argparse options (train and serve: one helper, so flags are spelled and documented alike). No torch or transformers import at module level: `eptkit --help`
 reads this table.
 """
 
@@ -237,15 +237,18 @@ def load_data(options: dict[str, Any], seed: int):
 def add_dataclass_arguments(group, fields, *, suppress: bool = False, defaults: Callable[[str], str] | None = None,
                             switch_off: str = "") -> None:
     """One option per dataclass field, its help from the field's metadata. A boolean that is on by
-    default becomes --no-NAME (switch_off prefixes its help), one that is off --NAME. suppress: an
-    unset option stays absent (so it does not override a recipe); defaults(name): the help's default."""
+    default becomes --no-NAME (switch_off prefixes its help, or the metadata's "flag_help" replaces it:
+    what the flag does, where the field's help says what the setting means), one that is off --NAME.
+    suppress: an unset option stays absent (so it does not override a recipe); defaults(name): the
+    help's default."""
     for f in fields:
         default = argparse.SUPPRESS if suppress else f.default
         text = f.metadata.get("help", "")
         if f.type in (bool, "bool"):
             on = f.default is True
             group.add_argument(flag("no_" + f.name) if on else flag(f.name), dest=f.name, action="store_const",
-                               const=not on, default=default, help=(switch_off if on else "") + text)
+                               const=not on, default=default,
+                               help=f.metadata.get("flag_help") or (switch_off if on else "") + text)
             continue
         kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
         shown = defaults(f.name) if defaults else ("" if "default" in text or f.default is None

@@ -428,23 +428,15 @@ def add_arguments(parser) -> None:
     """`eptkit serve`'s options: --adapter NAME=DIR (repeated), then one option per ServeConfig field."""
     import dataclasses
 
+    from .options import add_dataclass_arguments
+
     parser.add_argument("--adapter", action="append", required=True, metavar="NAME=DIR",
                         help="An adapter to serve under NAME (output dir of `eptkit train`, or an adapter dir); "
                              "repeat for more.")
     parser.add_argument("--task", action="append", default=[], metavar="NAME=TASK",
                         help="The task of adapter NAME, for an adapter that does not record one (saved with "
                              "save_pretrained from Python); repeat for more. POST /adapters takes a \"task\" field.")
-    for f in dataclasses.fields(ServeConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            flag = flag if not f.default else "--no-" + flag[2:]
-            parser.add_argument(flag, dest=f.name, action="store_const", const=not f.default, default=f.default,
-                                help=f.metadata.get("flag_help", f.metadata["help"]))
-            continue
-        kind = {"int": int, "float": float}.get(str(f.type), str)
-        given = "default" in f.metadata["help"] or f.default is None  # the help says it already
-        parser.add_argument(flag, type=kind, default=f.default,
-                            help=f.metadata["help"] + ("" if given else f" (default: {f.default})"))
+    add_dataclass_arguments(parser, dataclasses.fields(ServeConfig))  # the helper train uses (eptkit.options)
 
 
 def run_command(args) -> int:
