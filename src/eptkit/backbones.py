@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.resources
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -37,7 +38,47 @@ def resolve_model_path(model: str | None) -> str:
 
 
 def load_backbone(model_path: str, task_type: str, spec=None, num_labels: int | None = None):
-    """The backbone and tokenizer for a task type (classification heads sized for the task)."""
+    """The backbone and tokenizer for a task type (classification heads sized for the task), loaded
+    without transformers' progress bar and load report (`_quiet_loading`)."""
+    with _quiet_loading():
+        return _load_backbone(model_path, task_type, spec, num_labels)
+
+
+@contextmanager
+def _quiet_loading():
+    """transformers' chatter while weights load, off for the load only (the previous state restored):
+    the "Loading weights" bar and the LOAD REPORT, whose MISSING block lists the classification head
+    eptkit asks for and trains (a mismatched head gets eptkit's own warning, below). Download bars
+    (huggingface_hub's own) stay: a long download should show it is moving."""
+    from transformers.utils import logging as hf_logging
+
+    # The LOAD REPORT is a warning of this logger; a filter drops it and lets its other warnings through
+    # (raising the logger's level would also start transformers' tensor-parallel check and its warnings).
+    report = hf_logging.get_logger("transformers.modeling_utils")
+
+    def no_report(record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+    report.addFilter(no_report)
+    # transformers' own bars only (the hook); a transformers 5.x without it: its global switch, which
+    # also holds huggingface_hub's bars for the load.
+    set_hook = getattr(hf_logging, "set_tqdm_hook", None)
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    if set_hook is not None:
+        previous_hook = set_hook(lambda factory, args, kwargs: factory(*args, **{**kwargs, "disable": True}))
+    else:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if set_hook is not None:
+            set_hook(previous_hook)
+        elif bars_were_on:
+            hf_logging.enable_progress_bar()
+        report.removeFilter(no_report)
+
+
+def _load_backbone(model_path: str, task_type: str, spec, num_labels: int | None):
     from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
                               AutoTokenizer)
 
