@@ -344,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = torch.autocast, fp32 weights")
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--source-length", type=int, default=None, help="source length s (also DePT/EPT max_length)")
+    p.add_argument("--source-length", type=int, default=None, help="source length s (also DePT/EPT offset_length)")
     p.add_argument("--target-length", type=int, default=None, help="seq2seq target length")
     p.add_argument("--pt-length", type=int, default=100, help="PT prompt length l")
     p.add_argument("--short-length", type=int, default=60, help="DePT/EPT prompt length m")

@@ -68,7 +68,7 @@ def test_train_writes_the_output_directory(trained):
     assert results["task"] == "cb" and results["method"] == "ept" and results["steps"] == 4
     assert results["num_examples"] == {"train": 32, "validation": 16, "test": 16}
     assert set(results["test"]) == {"accuracy", "macro_f1", "average"}
-    assert results["config"]["method"]["prompt_length"] == 4 and results["config"]["method"]["max_length"] == 64
+    assert results["config"]["method"]["prompt_length"] == 4 and results["config"]["method"]["offset_length"] == 64
     assert {"eptkit", "torch", "transformers", "accelerate"} <= set(results["versions"])
     run = json.loads((trained / "eptkit_run.json").read_text())
     assert run["task"] == "cb" and Path(run["backbone"]).is_dir()
@@ -172,7 +172,7 @@ def test_help_lists_every_option(capsys):
         main(["train", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for opt in ("--prompt-length", "--rank", "--max-length", "--num-subspaces", "--subspace-rank", "--no-fusion",
+    for opt in ("--prompt-length", "--rank", "--max-length", "--offset-length", "--num-subspaces", "--subspace-rank", "--no-fusion",
                 "--lr", "--lr-low-rank", "--batch-size", "--max-steps", "--eval-steps", "--save-steps", "--seed",
                 "--k-shot", "--resume", "--config", "--train-file", "--text-columns", "--label-column",
                 "--mixed-precision", "--gradient-accumulation-steps", "--early-stopping-patience",

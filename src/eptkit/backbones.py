@@ -140,9 +140,11 @@ def backbone_facts(model: nn.Module) -> dict:
 
 def check_positions(model: nn.Module, config, max_length: int | None = None) -> None:
     """The prompt plus the longest text must fit the backbone's positions. The text length is
-    `max_length` if given (PT's comes from TrainConfig), else the config's own (DePT/EPT)."""
-    text = max_length if max_length is not None else getattr(config, "max_length", None)
-    check_prompt_fits(model, config.prompt_length, text)
+    `max_length` if given (PT's comes from TrainConfig), else the config's offset_length (DePT/EPT)."""
+    if max_length is not None:
+        check_prompt_fits(model, config.prompt_length, max_length)
+    else:
+        check_prompt_fits(model, config.prompt_length, getattr(config, "offset_length", None), "offset_length")
 
 
 def usable_positions(model: nn.Module) -> int | None:
@@ -154,9 +156,11 @@ def usable_positions(model: nn.Module) -> int | None:
     return limit - first_position(model) if isinstance(limit, int) else None
 
 
-def check_prompt_fits(model: nn.Module, prompt_length: int, text_length: int | None) -> None:
+def check_prompt_fits(model: nn.Module, prompt_length: int, text_length: int | None,
+                      name: str = "max_length") -> None:
     """`prompt_length` positions before a text of up to `text_length` tokens must fit the backbone's
-    positions, or a clear ValueError (the prompt of PT/DePT/EPT, PEFT's virtual tokens)."""
+    positions, or a clear ValueError naming `name`, the text length's setting (the prompt of
+    PT/DePT/EPT, PEFT's virtual tokens)."""
     limit = usable_positions(model)
     longest = prompt_length + (text_length or 0)
     if limit is None or longest <= limit:
@@ -167,8 +171,8 @@ def check_prompt_fits(model: nn.Module, prompt_length: int, text_length: int | N
     if text_length is None:
         raise ValueError(f"prompt_length: {prompt_length} virtual tokens exceed {room}; lower prompt_length")
     raise ValueError(
-        f"max_length: prompt_length + max_length = {prompt_length} + {text_length} = {longest} exceeds "
-        f"{room}; lower max_length or prompt_length"
+        f"{name}: prompt_length + {name} = {prompt_length} + {text_length} = {longest} exceeds "
+        f"{room}; lower {name} or prompt_length"
     )
 
 

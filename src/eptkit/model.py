@@ -152,7 +152,7 @@ class PromptedModel(AdapterStateMixin, nn.Module):
 
     @property
     def max_length(self) -> int | None:
-        return getattr(self.config, "max_length", None)
+        return getattr(self.config, "offset_length", None)  # DePT/EPT read texts up to their offset's rows
 
     @property
     def is_folded(self) -> bool:

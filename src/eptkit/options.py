@@ -167,18 +167,19 @@ def build_configs(options: dict[str, Any]):
     if spec.is_prompt_method:
         cls = spec.config_class()
         names = {f.name for f in dataclasses.fields(cls)}
-        ignored = sorted(set(given) - names - {"max_length"})
+        ignored = sorted(set(given) - names)
         if ignored:
             raise UsageError(f"method {method!r} has no option(s) {', '.join(flag(n) for n in ignored)}")
-        method_config = cls(**{k: v for k, v in given.items() if k in names})
-        if "max_length" in names:
-            train_kwargs.setdefault("max_length", method_config.max_length)
+        kwargs = {k: v for k, v in given.items() if k in names}
+        if "offset_length" in names and "max_length" in options:  # DePT/EPT: the offset covers the text
+            kwargs.setdefault("offset_length", options["max_length"])  # length asked for, unless told
+        method_config = cls(**kwargs)
+        if "offset_length" in names:
+            train_kwargs["max_length"] = method_config.offset_length  # the longest text they read
     else:
-        ignored = [k for k in given if k not in set(spec.options) | {"max_length"}]
+        ignored = [k for k in given if k not in spec.options]
         if ignored:
             raise UsageError(f"method {method!r} takes no prompt option(s) {', '.join(flag(n) for n in ignored)}")
-    if "max_length" in options:
-        train_kwargs["max_length"] = options["max_length"]
     return method_config, TrainConfig(**train_kwargs)
 
 
@@ -259,10 +260,7 @@ def add_dataclass_arguments(group, fields, *, suppress: bool = False, defaults: 
 
 def add_method_arguments(group) -> None:
     """The method options of `train`: every prompt method's config fields, then the baselines' own."""
-    def defaults(name: str) -> str:  # the method's max_length is also the text length of PT and the baselines
-        return ("For PT and the baselines: the maximum text length. " if name == "max_length" else "") + default_text(name)
-
-    add_dataclass_arguments(group, list(method_fields().values()), suppress=True, defaults=defaults,
+    add_dataclass_arguments(group, list(method_fields().values()), suppress=True, defaults=default_text,
                             switch_off="Switch off: ")
     for name, (kind, default, text) in baseline_options().items():
         group.add_argument(flag(name), type=kind, default=argparse.SUPPRESS, help=f"{text} (default: {default})")
