@@ -19,7 +19,8 @@ longer than its adapter's max_length (the server never truncates, unlike `eptkit
 adapter directory refused at load (corrupted, truncated, another backbone, a pickle: only safetensors
 and JSON are read).
 
-Batching: requests wait in one queue; the batcher takes the first, then whatever else arrives within
+Request batching (not batching.py's training order, nor forward.py's mixed batch itself): requests
+wait in one queue; the RequestBatcher takes the first, then whatever else arrives within
 batch_window_ms, up to max_batch_size rows, and runs them as one mixed batch on the worker thread (rows
 of similar length share a forward pass: `eptkit.batching.length_groups`).
 Loads and unloads go through the same queue, so a request accepted before an unload is still answered
@@ -127,7 +128,7 @@ class _Job:
         return len(self.rows) if self.rows is not None else 0
 
 
-class Batcher:
+class RequestBatcher:
     """The request queue and the loop that turns it into mixed batches on the one model thread."""
 
     def __init__(self, pool: AdapterPool, config: ServeConfig):
@@ -299,12 +300,12 @@ def build_app(pool: AdapterPool, config: ServeConfig):
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    batcher: Batcher | None = None
+    batcher: RequestBatcher | None = None
 
     @asynccontextmanager
     async def lifespan(app):
         nonlocal batcher
-        batcher = Batcher(pool, config)
+        batcher = RequestBatcher(pool, config)
         batcher.start()
         app.state.batcher = batcher
         yield
