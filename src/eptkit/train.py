@@ -49,7 +49,7 @@ from .optim import group_lrs, make_optimizer, make_scheduler, standardize_regres
 from .run_files import LOG_NAME, RESULTS_NAME, prepare_output_dir, trim_log
 from .tasks.formatting import MODEL_INPUT_KEYS, Collator
 from .tasks.registry import get_task
-from .trainable import TrainableModel
+from .trainable import TrainableModel, set_gradient_checkpointing
 
 logger = logging.getLogger("eptkit")
 
@@ -68,6 +68,7 @@ def _describe_run(spec, model, config: TrainConfig, extra: dict | None) -> dict:
         # `eptkit evaluate` scores the same seeded subset of the test split as the run by default
         "seed": config.seed,
         "max_eval_samples": config.max_eval_samples,
+        "gradient_checkpointing": config.gradient_checkpointing,
         **(extra or {}),
     }
 
@@ -107,6 +108,7 @@ class Trainer:
         self.run_info = _describe_run(self.spec, model, config, run_info)
         self.loss_scale = _regression_loss_scale(self.spec, model.task_type, self.own_modules(model), config,
                                                  self.encoded["train"])
+        set_gradient_checkpointing(model, config.gradient_checkpointing)  # acts in training mode only
         lrs = group_lrs(model, config)
         self.run_info["lr_absolute"] = {k: float(f"{v:.4g}") for k, v in lrs.items()}
         self.optimizer = make_optimizer(model, config, lrs)
