@@ -12,8 +12,13 @@ backbone unsharded. Two kinds of sharding:
 """
 
 import contextlib
+import importlib.util
+import json
+import os
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,7 +109,8 @@ def zero3(monkeypatch):
 def test_zero3_placeholder_reads_as_the_whole_matrix(zero3, make, config):
     reference = facts(build(make(), config))
     backbone = make()
-    zero3.partition(backbone.get_input_embeddings().weight)
+    for param in backbone.parameters():  # ZeRO-3 partitions every parameter, the head's too
+        zero3.partition(param)
     weight = backbone.get_input_embeddings().weight
     assert weight.shape == (0,)  # what a reader that does not gather would see
     assert embedding_shape(weight) == (VOCAB, HIDDEN)
@@ -199,3 +205,54 @@ def test_fsdp2_sharded_prompted_model_reads_and_runs_as_unsharded(one_process_gr
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, reference_model(input_ids=ids).logits,
                                    rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- real DeepSpeed
+ZERO3_SCRIPT = r"""
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+import deepspeed
+from conftest import tiny_bert
+from test_embeddings import CONFIGS, build, facts
+
+deepspeed.init_distributed(dist_backend="gloo")
+out = {}
+for i, config in enumerate(CONFIGS):
+    reference = facts(build(tiny_bert(), config))
+    backbone = tiny_bert()
+    ds_config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
+                 "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+    deepspeed.initialize(model=backbone, config=ds_config, model_parameters=backbone.parameters())
+    weight = backbone.get_input_embeddings().weight
+    placeholder = list(weight.shape)
+    sharded = facts(build(backbone, config))
+    out[i] = {"placeholder": placeholder, "after": list(weight.shape),
+              "prompt_equal": bool(torch.equal(sharded.pop("prompt"), reference.pop("prompt"))),
+              "sharded": sharded, "reference": reference}
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_real_deepspeed_zero3_partitioned_backbone(tmp_path):
+    """DeepSpeed's own ZeRO-3 partitioning (CPU accelerator, gloo, one process) of a tiny BERT: eptkit's
+    reads equal the unsharded model's. Runs in its own process: DeepSpeed patches torch globally."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1] / "src"), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", ZERO3_SCRIPT, str(Path(__file__).parent)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    for i, run in json.loads(lines[0][len("RESULT "):]).items():
+        assert run["placeholder"] == [0] and run["after"] == [0], i  # partitioned, and left partitioned
+        assert run["prompt_equal"], i
+        assert run["sharded"] == run["reference"], i
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -19,6 +19,7 @@ them, in the same order (eptkit builds the same adapters in the same order on ev
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -62,7 +63,7 @@ def embedding_shape(embeddings) -> tuple[int, int]:
 @contextlib.contextmanager
 def gathered(weight: torch.Tensor):
     """The whole matrix as a plain tensor for the length of the `with` (a collective when sharded)."""
-    if hasattr(weight, "ds_shape") and hasattr(weight, "ds_numel"):
+    if _zero3(weight):
         import deepspeed  # a ZeRO-3 parameter exists only where deepspeed does
 
         # modifier_rank=None: read-only, nothing is scattered back afterwards.
@@ -74,6 +75,44 @@ def gathered(weight: torch.Tensor):
     except ImportError:  # a torch without distributed support
         DTensor = ()
     yield weight.full_tensor() if isinstance(weight, DTensor) else weight.data
+
+
+def _zero3(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_shape") and hasattr(param, "ds_numel")
+
+
+def whole_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of `module` (a classifier head a new adapter trains) whose parameters are whole, plain
+    tensors. A plain deepcopy of a sharded module copies shards that nothing manages: ZeRO-3's empty
+    placeholders (without ds_shape: an empty head), FSDP2's DTensors (which a later fully_shard of the
+    root refuses). The copy is gathered once; accelerate's prepare then shards it with the rest."""
+    zero3 = [p for p in module.parameters() if _zero3(p)]
+    if zero3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(zero3, modifier_rank=None):
+            return copy.deepcopy(module)  # a Parameter's deepcopy clones its (gathered) data, not ds_* fields
+    copied = copy.deepcopy(module)
+    for sub in copied.modules():
+        for name, param in list(sub.named_parameters(recurse=False)):
+            if hasattr(param, "full_tensor"):  # a DTensor
+                setattr(sub, name, nn.Parameter(param.full_tensor(), requires_grad=param.requires_grad))
+    return copied
+
+
+@contextlib.contextmanager
+def whole_parameters(module: nn.Module, modify: bool = False):
+    """Every ZeRO-3 parameter of `module` whole for the length of the `with` (nothing to do otherwise):
+    the trainable tensors read for a checkpoint or the saved adapter, or written back (`modify`: the
+    first process's values are scattered back to every process on leaving)."""
+    zero3 = [p for p in module.parameters() if _zero3(p)]
+    if not zero3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(zero3, modifier_rank=0 if modify else None):
+        yield
 
 
 def read_embeddings(embeddings, ids: Sequence[int] | torch.Tensor = ()) -> EmbeddingFacts:
