@@ -227,9 +227,11 @@ class TrainConfig:
                                  default="no")
     gradient_checkpointing: bool = _help(
         "Activation checkpointing of the backbone's layers while training (transformers' own, non-reentrant): "
-        "each layer's activations are recomputed in the backward pass instead of kept, so activation memory "
-        "grows with one layer instead of all; a step costs about one more forward pass (roughly 30% more "
-        "time). Gradients and results are unchanged; evaluation and serving are not affected.", default=False)
+        "each layer's activations are recomputed in the backward pass instead of kept, so the memory for "
+        "activations is about one layer's instead of all layers' (EPT on all-MiniLM-L6-v2, 16 x 188 tokens: "
+        "37 MiB kept for the backward instead of 808 MiB) at the price of one more forward pass per step "
+        "(2.1 times the step time there, on one CPU thread). Gradients and results are unchanged; evaluation "
+        "and serving are not affected.", default=False)
     max_length: int = _help("Maximum text length in tokens for methods without their own (PT, baselines); "
                             "DePT/EPT use their config's max_length. Longer texts are truncated (counted in "
                             "results.json's 'truncated'); for PT, prompt_length + max_length must fit the "
