@@ -51,6 +51,7 @@ METHOD_CONFIGS = {
                              subspace_rank=2, module_init="random"),
     "lora": lambda: None,
     "full": lambda: None,
+    "ptuning": lambda: None,
 }
 
 
@@ -103,7 +104,7 @@ def assert_same(plain, checkpointed):
 
 
 @pytest.mark.parametrize("kind", ["bert", "t5", "llama"])
-@pytest.mark.parametrize("method", ["pt", "dept", "ept", "lora", "full"])
+@pytest.mark.parametrize("method", ["pt", "dept", "ept", "lora", "full", "ptuning"])
 def test_same_loss_and_gradients_with_checkpointing(kind, method):
     inputs = batch(kind)
     plain = loss_grads_and_kept(build(kind, method, False), inputs)
@@ -147,3 +148,21 @@ def test_train_config_field_and_runs_in_one_process_must_agree(tmp_path):
             for name, on in (("a", True), ("b", False))]
     with pytest.raises(ValueError, match="^gradient_checkpointing: runs trained in one process must share it"):
         MultiTrainer(model, None, runs)
+
+
+def test_recipes_and_sweep_files_take_the_switch(tmp_path):
+    import json
+
+    from eptkit.options import build_configs, read_sweep, resolve
+
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"task": "cb", "method": "pt", "gradient-checkpointing": True}))
+    assert build_configs(resolve({"config": str(recipe)}))[1].gradient_checkpointing is True
+    assert build_configs(resolve({"config": str(recipe), "gradient_checkpointing": False}))[1].gradient_checkpointing \
+        is False  # the command line wins
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps({"runs": [{"name": "a", "gradient_checkpointing": True}]}))
+    assert read_sweep(sweep) == [("a", {"gradient_checkpointing": True})]
+    recipe.write_text(json.dumps({"task": "cb", "gradient-checkpointing": "yes"}))
+    with pytest.raises(ValueError, match="^gradient_checkpointing: must be true or false"):
+        build_configs(resolve({"config": str(recipe)}))
