@@ -145,8 +145,9 @@ class Trainer:
     # -------------------------------------------------------------- checkpoints
     def save_checkpoint(self, rng: dict | None = None) -> Path:
         """checkpoints/step-N/, complete or absent (`eptkit.checkpoint.save_checkpoint`)."""
+        trainable = self._cpu_state()  # on every process: under ZeRO-3 reading it is a collective gather
         return save_checkpoint(self.output_dir, self.state, accelerator=self.accelerator,
-                               trainable=self._cpu_state() if self.is_main else None, best=self.best_state,
+                               trainable=trainable if self.is_main else None, best=self.best_state,
                                optimizer=self.optimizer, scheduler=self.scheduler, rng=rng,
                                meta=self.checkpoint_meta(), keep=self.config.save_total_limit)
 

@@ -112,8 +112,8 @@ def set_gradient_checkpointing(model: TrainableModel, enabled: bool) -> None:
     in training mode with gradients on, so evaluation (model.eval()) and serving are unaffected even with
     the switch on. Non-reentrant (use_reentrant=False): the reentrant form gives gradients only through
     inputs that require one, so with a frozen backbone whose trainable weights sit inside the layers (LoRA)
-    it would need PEFT's `enable_input_require_grads` hook, and it passes keyword arguments past autograd;
-    the non-reentrant form has neither limit and preserves the RNG state, so dropout masks match too.
+    it would need PEFT's `enable_input_require_grads` hook, and only positional inputs carry gradients;
+    the non-reentrant form has neither limit. Both preserve the RNG state, so dropout masks match too.
     """
     backbone = model.backbone
     base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone  # a PEFT model
