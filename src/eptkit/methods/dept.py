@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..config import DePTConfig
+from ..embeddings import embedding_shape
 from .prompt_tuning import init_prompt
 
 
@@ -19,7 +20,7 @@ class DePT(nn.Module):
     def __init__(self, config: DePTConfig, word_embeddings: nn.Embedding, init_token_ids=None):
         super().__init__()
         self.config = config
-        d = word_embeddings.weight.shape[1]
+        d = embedding_shape(word_embeddings)[1]
         self.prompt_embeddings = nn.Parameter(init_prompt(config, word_embeddings, init_token_ids))
         # Names and initialisation as in DePT's code, so its checkpoints load unchanged: A is
         # kaiming-uniform and B zero, so the offset starts at exactly zero.
