@@ -116,7 +116,10 @@ class _PeftWrapper(_Wrapper):
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(dir=directory, prefix=".peft-"))
         try:
-            self.inner.save_pretrained(str(tmp))
+            # LoRA's file is built from the tensors given: our trainable ones (whole, also in a sharded run,
+            # where PEFT's own state_dict() would hold shards; `eptkit.sharding.state_view`).
+            given = {"state_dict": dict(self.adapter_state_dict())} if self.method_name == "lora" else {}
+            self.inner.save_pretrained(str(tmp), **given)
             files = {}
             for path in sorted(tmp.iterdir()):  # adapter_config.json, adapter_model.safetensors, README.md
                 if not path.is_file():

@@ -225,6 +225,12 @@ class TrainConfig:
     seed: int = _help("Seed of initialisation, data order and dropout.", default=42)
     mixed_precision: str = _help("'no', 'bf16' or 'fp16' (accelerate's autocast; fp16 is meant for GPUs).",
                                  default="no")
+    fsdp: bool = _help(
+        "Shard the frozen backbone across the processes of a torchrun / `accelerate launch --multi_cpu` launch "
+        "(PyTorch FSDP2, one unit per transformer block; eptkit.sharding), for backbones too large for one "
+        "device. On CPUs (gloo) this is the way to shard; on GPUs use `accelerate launch --config_file "
+        "recipes/accelerate/fsdp.yaml` (accelerate's FSDP, same layout). Needs 2+ processes and a "
+        "classification task; not with --seeds/--sweep or methods ptuning/prefix.", default=False)
     max_length: int = _help("Maximum text length in tokens for methods without their own (PT, baselines); "
                             "DePT/EPT use their config's max_length. Longer texts are truncated (counted in "
                             "results.json's 'truncated'); for PT, prompt_length + max_length must fit the "
@@ -272,6 +278,8 @@ class TrainConfig:
                 raise ValueError(f"{name}: must be one of {choices}, got {getattr(self, name)!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision: must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        if not isinstance(self.fsdp, bool):
+            raise ValueError(f"fsdp: must be true or false, got {self.fsdp!r}")
 
     def group_lr(self, group: str) -> float:
         if group == "ept" and self.lr_ept is None:
@@ -301,7 +309,8 @@ class TrainConfig:
 TRAJECTORY_FIELDS = ("lr", "lr_low_rank", "lr_unit", "optimizer", "regression_targets", "lr_ept", "lr_head",
                      "lr_full", "lr_lora", "weight_decay",
                      "warmup_ratio", "warmup_steps", "lr_schedule", "max_grad_norm", "gradient_accumulation_steps",
-                     "batch_size", "seed", "mixed_precision", "max_length", "max_train_samples")
+                     "batch_size", "seed", "mixed_precision", "max_length", "max_train_samples",
+                     "fsdp")  # fsdp: a sharded run's checkpoint holds one optimizer file per process
 
 
 # ============================================================================ validation

@@ -45,6 +45,7 @@ from .config import TrainConfig
 from .evaluation import evaluate_rows, main_metric
 from .files import atomic_write_json
 from .reporting import Report, peak_memory_mb, run_results
+from .sharding import check_sharding, full_state, is_sharded, plain, shard_model, state_view
 from .optim import group_lrs, make_optimizer, make_scheduler, standardize_regression
 from .run_files import LOG_NAME, RESULTS_NAME, prepare_output_dir, trim_log
 from .tasks.formatting import MODEL_INPUT_KEYS, Collator
@@ -109,9 +110,18 @@ class Trainer:
                                                  self.encoded["train"])
         lrs = group_lrs(model, config)
         self.run_info["lr_absolute"] = {k: float(f"{v:.4g}") for k, v in lrs.items()}
+        # --fsdp where accelerate does not shard (CPUs): eptkit shards before the optimizer sees the parameters
+        # and keeps the model out of prepare (which would wrap it in DDP); accelerate's FSDP shards in prepare.
+        ours = check_sharding(config, model, acc)
+        if ours:
+            shard_model(model, acc.device, acc.num_processes)
         self.optimizer = make_optimizer(model, config, lrs)
         self.scheduler = make_scheduler(self.optimizer, config)
-        self.model, self.optimizer = acc.prepare(model, self.optimizer)
+        if ours:
+            self.model, self.optimizer = model, acc.prepare(self.optimizer)
+        else:
+            self.model, self.optimizer = acc.prepare(model, self.optimizer)
+        self.sharded = is_sharded(self.model)  # by eptkit or by accelerate: trainable tensors are DTensors
         self.plan = BatchPlan(len(self.encoded["train"]), config.batch_size, acc.num_processes, acc.process_index,
                               config.seed)
         self.collate = Collator(tokenizer, model.task_type)
@@ -130,7 +140,14 @@ class Trainer:
         return self.accelerator.unwrap_model(self.model)
 
     def _cpu_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().clone() for k, v in self.unwrapped.adapter_state_dict().items()}
+        """The trainable tensors, whole (gathered from the shards: every process must call it when sharded)."""
+        return {k: v.detach().cpu().clone() for k, v in full_state(self.unwrapped).items()}
+
+    def _save_model(self, state: dict[str, torch.Tensor] | None) -> None:
+        """The model's own files in output_dir, from the main process; sharded, of `state` (whole tensors)."""
+        if self.is_main:
+            with state_view(self.unwrapped, state) if self.sharded else contextlib.nullcontext():
+                self.unwrapped.save_pretrained(self.output_dir)
 
     def checkpoint_meta(self) -> dict:
         config = self.unwrapped.method_config
@@ -141,9 +158,9 @@ class Trainer:
     def save_checkpoint(self, rng: dict | None = None) -> Path:
         """checkpoints/step-N/, complete or absent (`eptkit.checkpoint.save_checkpoint`)."""
         return save_checkpoint(self.output_dir, self.state, accelerator=self.accelerator,
-                               trainable=self._cpu_state() if self.is_main else None, best=self.best_state,
-                               optimizer=self.optimizer, scheduler=self.scheduler, rng=rng,
-                               meta=self.checkpoint_meta(), keep=self.config.save_total_limit)
+                               trainable=self._cpu_state() if self.is_main or self.sharded else None,
+                               best=self.best_state, optimizer=self.optimizer, scheduler=self.scheduler, rng=rng,
+                               meta=self.checkpoint_meta(), keep=self.config.save_total_limit, sharded=self.sharded)
 
     def load_checkpoint(self, directory: Path) -> None:
         self.state, self.best_state = load_checkpoint(
@@ -165,8 +182,7 @@ class Trainer:
             s.best_metric, s.best_step, s.best_metrics = value, s.step, metrics
             self.best_state = self._cpu_state()
             s.bad_evals = 0
-            if self.is_main:
-                self.unwrapped.save_pretrained(self.output_dir)
+            self._save_model(self.best_state)
             return True
         s.bad_evals += 1
         return False
@@ -199,7 +215,7 @@ class Trainer:
         grad_norm = None
         if cfg.max_grad_norm > 0:
             grad_norm = acc.clip_grad_norm_(self.trainable_parameters(), cfg.max_grad_norm)
-            grad_norm = float(grad_norm) if grad_norm is not None else None
+            grad_norm = float(plain(grad_norm)) if grad_norm is not None else None
         lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
         self._updating = True  # a hard interrupt from here on may leave the weights half-updated
         self.optimizer.step()
@@ -321,8 +337,7 @@ class Trainer:
         acc, s, model = self.accelerator, self.state, self.unwrapped
         if self.best_state is not None:
             model.load_adapter_state_dict({k: v.to(acc.device) for k, v in self.best_state.items()})
-        if self.is_main:
-            model.save_pretrained(self.output_dir)
+        self._save_model(self.best_state if self.best_state is not None or not self.sharded else self._cpu_state())
         acc.wait_for_everyone()
         test_metrics = None
         if len(self.encoded.get("test", [])) > 0:
@@ -369,6 +384,9 @@ def _accelerator(config: TrainConfig):
     # Several processes on a machine without a GPU (torchrun / `accelerate launch --multi_gpu`):
     # accelerate only picks its multi-CPU (gloo) mode when told cpu=True.
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("mixed_precision: 'fp16' needs a GPU (on a CPU it would run unscaled fp32 autocast "
+                         "under an fp16 name); use 'bf16' or 'no'")
     return Accelerator(mixed_precision=config.mixed_precision, cpu=cpu)
 
 
