@@ -128,6 +128,7 @@ def test_two_sharded_processes_match_one_process(setup, tmp_path, model, method)
     assert json.loads((two / "results.json").read_text())["num_processes"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model,method", [("llama", "ept"), ("minilm", "pt")])
 def test_resume_after_kill_ends_where_the_uninterrupted_sharded_run_ends(setup, tmp_path, model, method):
     args = _args(setup, model, method)

@@ -110,17 +110,7 @@ class Trainer:
                                                  self.encoded["train"])
         lrs = group_lrs(model, config)
         self.run_info["lr_absolute"] = {k: float(f"{v:.4g}") for k, v in lrs.items()}
-        # --fsdp where accelerate does not shard (CPUs): eptkit shards before the optimizer sees the parameters
-        # and keeps the model out of prepare (which would wrap it in DDP); accelerate's FSDP shards in prepare.
-        ours = check_sharding(config, model, acc)
-        if ours:
-            shard_model(model, acc.device, acc.num_processes)
-        self.optimizer = make_optimizer(model, config, lrs)
-        self.scheduler = make_scheduler(self.optimizer, config)
-        if ours:
-            self.model, self.optimizer = model, acc.prepare(self.optimizer)
-        else:
-            self.model, self.optimizer = acc.prepare(model, self.optimizer)
+        self.model, self.optimizer, self.scheduler = _prepare(model, config, lrs, acc)
         self.sharded = is_sharded(self.model)  # by eptkit or by accelerate: trainable tensors are DTensors
         self.plan = BatchPlan(len(self.encoded["train"]), config.batch_size, acc.num_processes, acc.process_index,
                               config.seed)
@@ -376,6 +366,20 @@ class InterruptFlag:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
         return False
+
+
+def _prepare(model, config: TrainConfig, lrs: dict, acc):
+    """(model, optimizer, scheduler) ready for `acc`. Under --fsdp where accelerate does not shard (CPUs)
+    eptkit shards before the optimizer sees the parameters and keeps the model out of prepare (which would
+    wrap it in DDP); accelerate's own FSDP (recipes/accelerate/fsdp.yaml) shards inside prepare."""
+    ours = check_sharding(config, model, acc)
+    if ours:
+        shard_model(model, acc.device, acc.num_processes)
+    optimizer = make_optimizer(model, config, lrs)
+    scheduler = make_scheduler(optimizer, config)
+    if ours:
+        return model, acc.prepare(optimizer), scheduler
+    return *acc.prepare(model, optimizer), scheduler
 
 
 def _accelerator(config: TrainConfig):
