@@ -274,3 +274,41 @@ def test_fsdp_config_loads_in_accelerate_and_wraps_the_blocks(monkeypatch):
         assert wrapped and {type(m).__name__ for m in wrapped} == {block}
         assert len(wrapped) == len(backbone.base_model.layers if block.startswith("Llama")
                                    else backbone.bert.encoder.layer)
+
+
+def test_gpu_recipe_builds_on_a_tiny_llama_of_its_architecture(setup, tmp_path):
+    """recipes/gpu/llama7b_ept.json with its 7B model swapped for a tiny Llama of the same architecture
+    (LlamaForSequenceClassification, grouped-query attention, positions for prompt + text): the options
+    resolve, the configs validate, the sharding checks pass under accelerate's FSDP, the blocks are the
+    decoder layers, and a bf16 forward and backward runs."""
+    from accelerate.utils import DistributedType
+
+    from eptkit.backbones import load_backbone
+    from eptkit.baselines import build_model
+    from eptkit.options import build_configs, resolve
+    from eptkit.tasks.registry import get_task
+
+    recipe = ROOT / "recipes" / "gpu" / "llama7b_ept.json"
+    tiny = tmp_path / "tiny-llama"
+    tok = AutoTokenizer.from_pretrained(str(minilm_path()))
+    LlamaModel(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                           pad_token_id=tok.pad_token_id)).save_pretrained(tiny)
+    tok.save_pretrained(tiny)
+    options = resolve({"config": str(recipe), "model": str(tiny)})
+    assert json.loads(recipe.read_text())["model"] != str(tiny)  # the recipe names the real one
+    method_config, config = build_configs(options)
+    assert (config.mixed_precision, config.fsdp, method_config.method) == ("bf16", True, "ept")
+    spec = get_task(options["task"])
+    backbone, tokenizer = load_backbone(str(tiny), options["task_type"], spec)
+    assert type(backbone).__name__ == "LlamaForSequenceClassification"
+    model = build_model(backbone, "ept", method_config, tokenizer=tokenizer)
+    fsdp_acc = types.SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=8)
+    assert check_sharding(config, model, fsdp_acc) is False  # accelerate shards; the checks passed
+    assert check_sharding(config, model, _acc(2)) is True  # the same recipe under torchrun --fsdp
+    assert block_classes(model) == ["LlamaDecoderLayer"]
+    batch = tokenizer(["a premise . a hypothesis", "another one"], padding=True, return_tensors="pt")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch, labels=torch.tensor([0, 1])).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.method.prompt_embeddings.grad is not None
