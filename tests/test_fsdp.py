@@ -312,3 +312,20 @@ def test_gpu_recipe_builds_on_a_tiny_llama_of_its_architecture(setup, tmp_path):
         loss = model(**batch, labels=torch.tensor([0, 1])).loss
     loss.backward()
     assert torch.isfinite(loss) and model.method.prompt_embeddings.grad is not None
+
+
+def test_gpu_script_fsdp_smoke_parses():
+    """benchmarks/gpu.sh's FSDP smoke run: accelerate's FSDP config and train options eptkit accepts."""
+    import re
+    import shlex
+
+    from eptkit.cli import build_parser, resolve_train_options
+    from eptkit.options import build_configs
+
+    script = (ROOT / "benchmarks" / "gpu.sh").read_text().replace("\\\n", " ")
+    lines = [line for line in script.splitlines() if "-m eptkit.cli train" in line and "fsdp.yaml" in line]
+    assert len(lines) == 1
+    call = re.sub(r"\"?\$\{?\w+\}?[^\" ]*\"?", "x", lines[0].split("-m eptkit.cli", 1)[1].split("2>&1")[0])
+    options = resolve_train_options(build_parser().parse_args(shlex.split(call)))
+    _, config = build_configs(options)
+    assert (config.mixed_precision, config.max_steps, config.save_steps) == ("bf16", 20, 10)
