@@ -114,7 +114,7 @@ def _assert_close_runs(a: Path, b: Path, weights: str, rtol: float) -> None:
 
 @pytest.mark.parametrize("model,method", [("llama", "pt"), ("llama", "ept"), ("minilm", "pt"), ("minilm", "ept"),
                                           ("llama", "lora"), ("llama", "full")])
-def test_two_sharded_processes_match_one_process(setup, tmp_path, model, method):
+def test_two_sharded_processes_match_one_process(setup, tmp_path, capsys, model, method):
     args = _args(setup, model, method)
     one, two = tmp_path / "one", tmp_path / "two"
     proc = _torchrun(args, two)  # meanwhile, the 1-process run here (same global batch: 8)
@@ -125,7 +125,13 @@ def test_two_sharded_processes_match_one_process(setup, tmp_path, model, method)
     # sharded: each process saved its own shard of the optimizer state; the adapter files are whole
     ckpt = checkpoint_dirs(two)[-1]
     assert {p.name for p in ckpt.glob("optimizer*")} == {"optimizer-0.pt", "optimizer-1.pt"}
-    assert json.loads((two / "results.json").read_text())["num_processes"] == 2
+    results = json.loads((two / "results.json").read_text())
+    assert results["num_processes"] == 2
+    if method == "ept":  # the sharded run's adapter, loaded and scored in one plain process
+        capsys.readouterr()
+        assert main(["evaluate", "--adapter", str(two), "--split", "validation"]) == 0
+        scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert scored["accuracy"] == pytest.approx(results["validation"]["accuracy"])
 
 
 @pytest.mark.slow
@@ -227,6 +233,10 @@ def test_bad_combinations_are_one_line_errors(tmp_path, capsys):
     t5 = get_prompted_model(tiny_t5(), EPTConfig(prompt_length=2, rank=2, max_length=16))
     with pytest.raises(ValueError, match="^fsdp: seq2seq .generation. tasks are not supported"):
         check_sharding(TrainConfig(fsdp=True), t5, _acc(2))
+    from eptkit.multirun import MultiTrainer, RunSpec
+
+    with pytest.raises(ValueError, match="^fsdp: several runs in one process"):
+        MultiTrainer(model, None, [RunSpec("default", "cb", {}, TrainConfig(fsdp=True, output_dir=str(tmp_path)))])
     # through the command line: one line each, naming the flag
     rows = "".join(json.dumps({"text": f"t {i}", "label": "ab"[i % 2]}) + "\n" for i in range(8))
     (tmp_path / "d.jsonl").write_text(rows)
