@@ -78,10 +78,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(args: list[str], out: Path, **popen) -> subprocess.Popen:
-    """`torchrun --nproc_per_node 2 -m eptkit.cli train --fsdp ...`: 2 CPU processes over gloo, batch 4 each."""
+def _torchrun(args: list[str], out: Path, batch: int = 4, **popen) -> subprocess.Popen:
+    """`torchrun --nproc_per_node 2 -m eptkit.cli train --fsdp ...`: 2 CPU processes over gloo."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "eptkit.cli", *args, "--batch-size", "4", "--fsdp", "--output-dir", str(out)]
+           str(_free_port()), "-m", "eptkit.cli", *args, "--batch-size", str(batch), "--fsdp", "--output-dir",
+           str(out)]
     return subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
 
 
@@ -112,13 +113,16 @@ def _assert_close_runs(a: Path, b: Path, weights: str, rtol: float) -> None:
     assert not torch.equal(ta[next(iter(ta))], torch.zeros_like(ta[next(iter(ta))]))
 
 
-@pytest.mark.parametrize("model,method", [("llama", "pt"), ("llama", "ept"), ("minilm", "pt"), ("minilm", "ept"),
-                                          ("llama", "lora"), ("llama", "full")])
-def test_two_sharded_processes_match_one_process(setup, tmp_path, capsys, model, method):
-    args = _args(setup, model, method)
+@pytest.mark.parametrize("model,method,accumulate", [
+    ("llama", "pt", 1), ("llama", "ept", 1), ("minilm", "pt", 1), ("minilm", "ept", 1), ("llama", "lora", 1),
+    ("llama", "full", 1), ("llama", "ept", 2)])
+def test_two_sharded_processes_match_one_process(setup, tmp_path, capsys, model, method, accumulate):
+    # accumulate 2: micro-batches of 2 rows per process against 4 in one process; the sharded gradients
+    # are reduced on the last micro-batch only (`eptkit.sharding.no_sync`)
+    args = [*_args(setup, model, method), "--gradient-accumulation-steps", str(accumulate)]
     one, two = tmp_path / "one", tmp_path / "two"
-    proc = _torchrun(args, two)  # meanwhile, the 1-process run here (same global batch: 8)
-    assert main([*args, "--batch-size", "8", "--output-dir", str(one)]) == 0
+    proc = _torchrun(args, two, batch=4 // accumulate)  # meanwhile, the 1-process run here, same global batch
+    assert main([*args, "--batch-size", str(8 // accumulate), "--output-dir", str(one)]) == 0
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     _assert_close_runs(one, two, WEIGHTS[method], rtol=1e-5)
@@ -287,7 +291,7 @@ def test_fsdp_config_loads_in_accelerate_and_wraps_the_blocks(monkeypatch):
 
 
 def test_gpu_recipe_builds_on_a_tiny_llama_of_its_architecture(setup, tmp_path):
-    """recipes/gpu/llama7b_ept.json with its 7B model swapped for a tiny Llama of the same architecture
+    """recipes/llama7b/rte.json with its 7B model swapped for a tiny Llama of the same architecture
     (LlamaForSequenceClassification, grouped-query attention, positions for prompt + text): the options
     resolve, the configs validate, the sharding checks pass under accelerate's FSDP, the blocks are the
     decoder layers, and a bf16 forward and backward runs."""
@@ -298,7 +302,7 @@ def test_gpu_recipe_builds_on_a_tiny_llama_of_its_architecture(setup, tmp_path):
     from eptkit.options import build_configs, resolve
     from eptkit.tasks.registry import get_task
 
-    recipe = ROOT / "recipes" / "gpu" / "llama7b_ept.json"
+    recipe = ROOT / "recipes" / "llama7b" / "rte.json"
     tiny = tmp_path / "tiny-llama"
     tok = AutoTokenizer.from_pretrained(str(minilm_path()))
     LlamaModel(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

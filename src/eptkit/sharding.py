@@ -157,6 +157,24 @@ def restore_optimizer_state(optimizer) -> None:
                                           stride=p.stride())
 
 
+@contextlib.contextmanager
+def no_sync(model: nn.Module, accelerator):
+    """No gradient reduction between processes within (the micro-batches before a step's last): DDP's
+    no_sync through accelerate; for a model eptkit sharded, which accelerate does not know as FSDP,
+    what accelerate does for its own: gradients accumulate unreduced until the last micro-batch."""
+    from accelerate.utils import DistributedType
+
+    if not (is_sharded(model) and accelerator.distributed_type != DistributedType.FSDP):
+        with accelerator.no_sync(model):
+            yield
+        return
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
 def plain(value):
     """A gradient norm or other result that may be a DTensor, as a plain tensor (gathered)."""
     DTensor = _dtensor()

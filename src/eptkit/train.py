@@ -45,7 +45,7 @@ from .config import TrainConfig
 from .evaluation import evaluate_rows, main_metric
 from .files import atomic_write_json
 from .reporting import Report, peak_memory_mb, run_results
-from .sharding import check_sharding, full_state, is_sharded, plain, shard_model, state_view
+from .sharding import check_sharding, full_state, is_sharded, no_sync, plain, shard_model, state_view
 from .optim import group_lrs, make_optimizer, make_scheduler, standardize_regression
 from .run_files import LOG_NAME, RESULTS_NAME, prepare_output_dir, trim_log
 from .tasks.formatting import MODEL_INPUT_KEYS, Collator
@@ -189,7 +189,7 @@ class Trainer:
         batch = self.collate(rows)
         inputs = {k: v.to(self.accelerator.device) for k, v in batch.items() if k in MODEL_INPUT_KEYS}
         # Gradients are all-reduced between processes only on the last micro-batch of a step.
-        with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model):
+        with contextlib.nullcontext() if sync else no_sync(self.model, self.accelerator):
             with self.accelerator.autocast():
                 loss = self.model(**inputs).loss * self.loss_scale
             self.accelerator.backward(loss * scale)
