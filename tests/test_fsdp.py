@@ -29,7 +29,7 @@ from eptkit.sharding import block_classes, check_sharding
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
 WEIGHTS = {"pt": "adapter_model.safetensors", "ept": "adapter_model.safetensors",
-           "lora": "adapter_model.safetensors", "full": "model.safetensors"}
+           "lora": "adapter_model.safetensors", "full": "model.safetensors", "head": "model.safetensors"}
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def _assert_close_runs(a: Path, b: Path, weights: str, rtol: float) -> None:
 
 @pytest.mark.parametrize("model,method,accumulate", [
     ("llama", "pt", 1), ("llama", "ept", 1), ("minilm", "pt", 1), ("minilm", "ept", 1), ("llama", "lora", 1),
-    ("llama", "full", 1), ("llama", "ept", 2)])
+    ("llama", "full", 1), ("llama", "head", 1), ("llama", "ept", 2)])
 def test_two_sharded_processes_match_one_process(setup, tmp_path, capsys, model, method, accumulate):
     # accumulate 2: micro-batches of 2 rows per process against 4 in one process; the sharded gradients
     # are reduced on the last micro-batch only (`eptkit.sharding.no_sync`)
@@ -231,9 +231,10 @@ def test_bad_combinations_are_one_line_errors(tmp_path, capsys):
         check_sharding(TrainConfig(fsdp=True), model, _acc(1))
     assert check_sharding(TrainConfig(fsdp=True), model, _acc(2)) is True
     assert check_sharding(TrainConfig(), model, _acc(2)) is False  # DDP
-    ptuning = types.SimpleNamespace(method_name="ptuning", task_type="classification")
-    with pytest.raises(ValueError, match="^fsdp: method 'ptuning' is not supported"):
-        check_sharding(TrainConfig(fsdp=True), ptuning, _acc(2))
+    for method in ("ptuning", "prefix"):
+        refused = types.SimpleNamespace(method_name=method, task_type="classification")
+        with pytest.raises(ValueError, match=f"^fsdp: method '{method}' is not supported"):
+            check_sharding(TrainConfig(fsdp=True), refused, _acc(2))
     t5 = get_prompted_model(tiny_t5(), EPTConfig(prompt_length=2, rank=2, max_length=16))
     with pytest.raises(ValueError, match="^fsdp: seq2seq .generation. tasks are not supported"):
         check_sharding(TrainConfig(fsdp=True), t5, _acc(2))

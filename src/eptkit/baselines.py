@@ -266,8 +266,9 @@ class HeadOnlyModel(_Wrapper):
     def save_pretrained(self, directory) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        digest = atomic_save_safetensors(directory / FULL_WEIGHTS_NAME,
-                                         {f"{self.head_name}.{k}": v for k, v in self.head.state_dict().items()})
+        # the head's tensors under their names in the backbone (head_name.weight, ...): adapter_state_dict,
+        # which a sharded run's saving replaces by whole tensors (`eptkit.sharding.state_view`)
+        digest = atomic_save_safetensors(directory / FULL_WEIGHTS_NAME, self.adapter_state_dict())
         self._write_info(directory, {FULL_WEIGHTS_NAME: digest}, head_name=self.head_name, pooling="mean")
 
 

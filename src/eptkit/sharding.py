@@ -28,8 +28,8 @@ import contextlib
 import torch
 from torch import nn
 
-# Methods whose forward bypasses the root unit's hooks (PEFT's prompt encoders run inside PEFT's own
-# forward, on modules FSDP1 needed as separate units; not verified under FSDP2 here).
+# Methods refused under sharding: PEFT's P-tuning and prefix tuning (their prompt encoders run inside PEFT's
+# own forward, on modules FSDP1 needed as separate units; not verified under FSDP2).
 UNSHARDABLE_METHODS = ("ptuning", "prefix")
 
 
@@ -193,8 +193,8 @@ def check_sharding(config, model: nn.Module, accelerator) -> bool:
         raise ValueError("fsdp: a single process has nothing to shard across; launch 2 or more "
                          "(torchrun --nproc_per_node N -m eptkit.cli train --fsdp ...) or drop --fsdp")
     if model.method_name in UNSHARDABLE_METHODS:
-        raise ValueError(f"fsdp: method {model.method_name!r} is not supported sharded (PEFT runs its prompt "
-                         "encoder outside the sharded forward); use pt, dept, ept, lora, full or head")
+        raise ValueError(f"fsdp: method {model.method_name!r} is not supported sharded; use pt, dept, ept, "
+                         "lora, full or head")
     if model.task_type != "classification":
         # Each process generates until its own rows end, so the processes would run different numbers
         # of forward passes, and every sharded forward is a collective.

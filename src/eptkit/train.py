@@ -2,8 +2,9 @@
 
 Built on accelerate, so the same code runs on one CPU, one GPU or many processes under
 `accelerate launch` (DDP; FSDP and DeepSpeed through accelerate's own config files, see
-recipes/README.md), and sharded over CPU processes with `--fsdp` (`eptkit.sharding`). Any model that satisfies `eptkit.trainable.TrainableModel` trains here: a
-`PromptedModel`, or one of the `eptkit.baselines` wrappers (LoRA, full fine-tuning, ...).
+recipes/README.md), and sharded over CPU processes with `--fsdp` (`eptkit.sharding`). Any model that
+satisfies `eptkit.trainable.TrainableModel` trains here: a `PromptedModel`, or one of the
+`eptkit.baselines` wrappers (LoRA, full fine-tuning, ...).
 
     from eptkit.train import TrainConfig, train
     from eptkit.tasks.loading import load_task
