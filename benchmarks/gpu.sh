@@ -36,6 +36,7 @@
 #   TOGETHER=6               PT/DePT/EPT runs of one task per process (eptkit.multirun)
 #   SPEED=0                  skip the speed benchmarks; DECODER=0 skips the decoder-only one
 #   ACCURACY=0               skip the accuracy suite even with DATA_DIR
+#   FSDP=0                   skip the sharded-training smoke run (accelerate FSDP2 over every GPU)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -88,6 +89,27 @@ for DT in $( [ "${SPEED:-1}" = 0 ] || [ "${DECODER:-1}" = 0 ] || echo "$DTYPES" 
         --warmup "$WARMUP" --repeats "$REPEATS" --out-dir "$OUT_DIR" --name "$NAME" \
         2> >(tee "$OUT_DIR/$NAME.log" >&2)
 done
+if [ "${FSDP:-1}" != 0 ]; then
+    # Sharded training (issue 23): accelerate's FSDP2 (recipes/accelerate/fsdp.yaml) over every GPU here,
+    # EPT on the bundled MiniLM over a generated 3-class file, bf16, 20 steps with a checkpoint; then the
+    # adapter is scored in one plain process (whole files). Compare fsdp_smoke/run/log.jsonl's losses with
+    # a DDP or one-GPU run of the same global batch to see the sharded path on real GPUs.
+    FS="$OUT_DIR/fsdp_smoke"
+    NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+    mkdir -p "$FS"
+    "$PY" - "$FS" <<'PYEOF'
+import json, sys
+rows = [{"text": f"the {w} movie number {i} was {w}", "label": w} for i, w in enumerate(["good", "bad", "fine"] * 40)]
+for name, part in (("train", rows[:96]), ("val", rows[96:])):
+    open(f"{sys.argv[1]}/{name}.jsonl", "w").write("".join(json.dumps(r) + "\n" for r in part))
+PYEOF
+    HF_HUB_OFFLINE=1 "$PY" -m accelerate.commands.launch --config_file recipes/accelerate/fsdp.yaml \
+        --num_processes "$NGPU" -m eptkit.cli train --train-file "$FS/train.jsonl" --validation-file "$FS/val.jsonl" \
+        --text-columns text --method ept --max-steps 20 --eval-steps 10 --save-steps 10 --batch-size 8 \
+        --mixed-precision bf16 --overwrite --output-dir "$FS/run" 2>&1 | tee "$FS/train.log" \
+        && HF_HUB_OFFLINE=1 "$PY" -m eptkit.cli evaluate --adapter "$FS/run" --split validation \
+        || echo "FSDP smoke run FAILED (see $FS/train.log)" >&2
+fi
 if [ -n "${DATA_DIR:-}" ] && [ "${ACCURACY:-1}" != 0 ] && ! "$PY" -c "import datasets" 2>/dev/null; then
     echo "accuracy suite skipped: the datasets package (with pyarrow) is not importable here" >&2
 elif [ -n "${DATA_DIR:-}" ] && [ "${ACCURACY:-1}" != 0 ]; then

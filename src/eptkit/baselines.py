@@ -116,7 +116,10 @@ class _PeftWrapper(_Wrapper):
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(dir=directory, prefix=".peft-"))
         try:
-            self.inner.save_pretrained(str(tmp))
+            # LoRA's file is built from the tensors given: our trainable ones (whole, also in a sharded run,
+            # where PEFT's own state_dict() would hold shards; `eptkit.sharding.state_view`).
+            given = {"state_dict": dict(self.adapter_state_dict())} if self.method_name == "lora" else {}
+            self.inner.save_pretrained(str(tmp), **given)
             files = {}
             for path in sorted(tmp.iterdir()):  # adapter_config.json, adapter_model.safetensors, README.md
                 if not path.is_file():
@@ -263,8 +266,9 @@ class HeadOnlyModel(_Wrapper):
     def save_pretrained(self, directory) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        digest = atomic_save_safetensors(directory / FULL_WEIGHTS_NAME,
-                                         {f"{self.head_name}.{k}": v for k, v in self.head.state_dict().items()})
+        # the head's tensors under their names in the backbone (head_name.weight, ...): adapter_state_dict,
+        # which a sharded run's saving replaces by whole tensors (`eptkit.sharding.state_view`)
+        digest = atomic_save_safetensors(directory / FULL_WEIGHTS_NAME, self.adapter_state_dict())
         self._write_info(directory, {FULL_WEIGHTS_NAME: digest}, head_name=self.head_name, pooling="mean")
 
 

@@ -3,6 +3,7 @@
 checkpoints/step-NNNNNN/ holds
   trainable.safetensors   the trainable tensors now          best.safetensors   the best ones so far
   optimizer.pt            optimizer, scheduler (and fp16 grad-scaler) state, read back weights_only=True
+  optimizer-R.pt          instead, in a sharded run (`eptkit.sharding`): process R's shard of that state
   rng-R.pt                the RNG states of process R (dropout differs per process)
   trainer_state.json      `RunState` (data position, best metric, timings), the configs and method
 A checkpoint is written into a temporary directory and renamed, so it exists completely or not at
@@ -25,6 +26,7 @@ from safetensors.torch import load_file
 
 from .config import TRAJECTORY_FIELDS, TrainConfig, saved_under_new_names
 from .files import atomic_save_safetensors, atomic_torch_save, atomic_write_json, fsync_dir
+from .sharding import local_optimizer_state, restore_optimizer_state
 
 CHECKPOINTS_DIR = "checkpoints"
 
@@ -100,11 +102,12 @@ def _remove(directory: Path) -> None:
 
 
 def save_checkpoint(output_dir: Path, state: RunState, *, accelerator, trainable, best, optimizer, scheduler,
-                    rng: dict | None, meta: dict, keep: int) -> Path:
+                    rng: dict | None, meta: dict, keep: int, sharded: bool = False) -> Path:
     """Write checkpoints/step-N/ (every process calls this; only the main one writes the shared files).
 
     trainable, best: tensors (main process; best may be None). meta: what trainer_state.json records
-    besides `state` (configs, method). keep: how many checkpoints to keep.
+    besides `state` (configs, method). keep: how many checkpoints to keep. sharded: the optimizer's state
+    is sharded (FSDP); each process writes its own shard (optimizer-R.pt), never gathered in one place.
     """
     acc = accelerator
     root = Path(output_dir) / CHECKPOINTS_DIR
@@ -117,15 +120,17 @@ def save_checkpoint(output_dir: Path, state: RunState, *, accelerator, trainable
         tmp.mkdir()
     acc.wait_for_everyone()
     atomic_torch_save(rng or rng_state(), tmp / f"rng-{acc.process_index}.pt")
+    if sharded:
+        atomic_torch_save(_optimizer_files(acc, optimizer, scheduler, local_optimizer_state(optimizer)),
+                          tmp / f"optimizer-{acc.process_index}.pt")
     acc.wait_for_everyone()
     if acc.is_main_process:
         atomic_save_safetensors(tmp / "trainable.safetensors", trainable)
         if best is not None:
             atomic_save_safetensors(tmp / "best.safetensors", best)
-        opt = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-        if getattr(acc, "scaler", None) is not None:
-            opt["scaler"] = acc.scaler.state_dict()
-        atomic_torch_save(opt, tmp / "optimizer.pt")
+        if not sharded:
+            atomic_torch_save(_optimizer_files(acc, optimizer, scheduler, optimizer.state_dict()),
+                              tmp / "optimizer.pt")
         atomic_write_json(tmp / "trainer_state.json",
                           {**dataclasses.asdict(state), "num_processes": acc.num_processes, **meta})
         fsync_dir(tmp)
@@ -141,6 +146,13 @@ def save_checkpoint(output_dir: Path, state: RunState, *, accelerator, trainable
             _remove(old)
     acc.wait_for_everyone()
     return final
+
+
+def _optimizer_files(acc, optimizer, scheduler, optimizer_state: dict) -> dict:
+    opt = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}
+    if getattr(acc, "scaler", None) is not None:
+        opt["scaler"] = acc.scaler.state_dict()
+    return opt
 
 
 def _max_steps_change(saved_config: dict, config: TrainConfig, step: int) -> list[str]:
@@ -184,8 +196,11 @@ def load_checkpoint(directory: Path, *, accelerator, config: TrainConfig, meta: 
     model.load_adapter_state_dict(load_file(str(directory / "trainable.safetensors")))
     best_path = directory / "best.safetensors"
     best = load_file(str(best_path)) if best_path.is_file() else None
-    opt = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
+    own = directory / f"optimizer-{acc.process_index}.pt"  # a sharded run's (the config's fsdp matched)
+    opt = torch.load(own if own.is_file() else directory / "optimizer.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
+    if own.is_file():
+        restore_optimizer_state(optimizer)
     scheduler.load_state_dict(opt["scheduler"])
     if "scaler" in opt and getattr(acc, "scaler", None) is not None:
         acc.scaler.load_state_dict(opt["scaler"])

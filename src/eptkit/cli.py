@@ -102,6 +102,9 @@ def train_command(args: argparse.Namespace) -> int:
     from .train import train
 
     options = resolve_train_options(args)
+    if options.get("fsdp") and (options.get("seeds") is not None or options.get("sweep")):
+        raise UsageError("--fsdp trains one run per launch; --seeds/--sweep share one unsharded backbone among "
+                         "runs in one process (launch one sharded run per seed instead)")
     if options.get("seeds") is not None or options.get("sweep"):
         from .sweep import expand_runs, train_sweep
 

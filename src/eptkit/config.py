@@ -284,6 +284,12 @@ class TrainConfig:
         "37 MiB kept for the backward instead of 808 MiB) at the price of one more forward pass per step "
         "(2.1 times the step time there, on one CPU thread). Gradients and results are unchanged; evaluation "
         "and serving are not affected.", default=False)
+    fsdp: bool = _help(
+        "Shard the frozen backbone across the processes of a torchrun / `accelerate launch --multi_cpu` launch "
+        "(PyTorch FSDP2, one unit per transformer block; eptkit.sharding), for backbones too large for one "
+        "device. On CPUs (gloo) this is the way to shard; on GPUs use `accelerate launch --config_file "
+        "recipes/accelerate/fsdp.yaml` (accelerate's FSDP, same layout). Needs 2+ processes and a "
+        "classification task; not with --seeds/--sweep or methods ptuning/prefix.", default=False)
     max_length: int = _help("Maximum text length in tokens; longer texts are truncated (counted in results.json's "
                             "'truncated'). DePT/EPT read texts up to their offset_length, which eptkit train "
                             "sets from this when --offset-length is not given. For PT, prompt_length + "
@@ -333,6 +339,8 @@ class TrainConfig:
             raise ValueError(f"gradient_checkpointing: must be true or false, got {self.gradient_checkpointing!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision: must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        if not isinstance(self.fsdp, bool):
+            raise ValueError(f"fsdp: must be true or false, got {self.fsdp!r}")
 
     def group_lr(self, group: str) -> float:
         if group == "ept" and self.lr_ept is None:
@@ -362,7 +370,8 @@ class TrainConfig:
 TRAJECTORY_FIELDS = ("lr", "lr_low_rank", "lr_unit", "optimizer", "regression_targets", "lr_ept", "lr_head",
                      "lr_full", "lr_lora", "weight_decay",
                      "warmup_ratio", "warmup_steps", "lr_schedule", "max_grad_norm", "gradient_accumulation_steps",
-                     "batch_size", "seed", "mixed_precision", "max_length", "max_train_samples")
+                     "batch_size", "seed", "mixed_precision", "max_length", "max_train_samples",
+                     "fsdp")  # fsdp: a sharded run's checkpoint holds one optimizer file per process
 
 
 # ============================================================================ validation

@@ -123,6 +123,9 @@ class MultiTrainer:
         if runs[0].config.mixed_precision == "fp16":
             raise ValueError("mixed_precision: 'fp16' needs one gradient scaler per run; use 'bf16' or 'no' "
                              "for several runs in one process")
+        if any(r.config.fsdp for r in runs):
+            raise ValueError("fsdp: several runs in one process share one unsharded backbone; train a sharded "
+                             "run on its own (eptkit.train)")
         accelerator = accelerator or Accelerator(mixed_precision=runs[0].config.mixed_precision)
         if accelerator.num_processes > 1:
             raise ValueError("several runs in one process train in one process only (no accelerate launch)")

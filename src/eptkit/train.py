@@ -2,8 +2,9 @@
 
 Built on accelerate, so the same code runs on one CPU, one GPU or many processes under
 `accelerate launch` (DDP; FSDP and DeepSpeed through accelerate's own config files, see
-recipes/README.md). Any model that satisfies `eptkit.trainable.TrainableModel` trains here: a
-`PromptedModel`, or one of the `eptkit.baselines` wrappers (LoRA, full fine-tuning, ...).
+recipes/README.md), and sharded over CPU processes with `--fsdp` (`eptkit.sharding`). Any model that
+satisfies `eptkit.trainable.TrainableModel` trains here: a `PromptedModel`, or one of the
+`eptkit.baselines` wrappers (LoRA, full fine-tuning, ...).
 
     from eptkit.train import TrainConfig, train
     from eptkit.tasks.loading import load_task
@@ -46,6 +47,7 @@ from .evaluation import evaluate_rows, main_metric
 from .embeddings import whole_parameters
 from .files import atomic_write_json
 from .reporting import Report, peak_memory_mb, run_results
+from .sharding import check_sharding, full_state, is_sharded, no_sync, plain, shard_model, state_view
 from .optim import group_lrs, make_optimizer, make_scheduler, standardize_regression
 from .run_files import LOG_NAME, RESULTS_NAME, prepare_output_dir, trim_log
 from .tasks.formatting import MODEL_INPUT_KEYS, Collator
@@ -112,10 +114,8 @@ class Trainer:
         set_gradient_checkpointing(model, config.gradient_checkpointing)  # acts in training mode only
         lrs = group_lrs(model, config)
         self.run_info["lr_absolute"] = {k: float(f"{v:.4g}") for k, v in lrs.items()}
-        self.optimizer = make_optimizer(model, config, lrs)
-        self.scheduler = make_scheduler(self.optimizer, config)
-        _tell_deepspeed(acc, config)
-        self.model, self.optimizer = acc.prepare(model, self.optimizer)
+        self.model, self.optimizer, self.scheduler = _prepare(model, config, lrs, acc)
+        self.sharded = is_sharded(self.model)  # by eptkit or by accelerate: trainable tensors are DTensors
         self.plan = BatchPlan(len(self.encoded["train"]), config.batch_size, acc.num_processes, acc.process_index,
                               config.seed)
         self.collate = Collator(tokenizer, model.task_type)
@@ -134,8 +134,18 @@ class Trainer:
         return self.accelerator.unwrap_model(self.model)
 
     def _cpu_state(self) -> dict[str, torch.Tensor]:
-        with whole_parameters(self.unwrapped):  # ZeRO-3: the trainable tensors are partitioned too
-            return {k: v.detach().cpu().clone() for k, v in self.unwrapped.adapter_state_dict().items()}
+        """The trainable tensors, whole: gathered from FSDP's shards or ZeRO-3's partitions (a collective:
+        every process must call it when sharded)."""
+        with whole_parameters(self.unwrapped):
+            return {k: v.detach().cpu().clone() for k, v in full_state(self.unwrapped).items()}
+
+    def _save_model(self, state: dict[str, torch.Tensor] | None) -> None:
+        """The model's own files in output_dir, from the main process; sharded, of `state` (whole tensors).
+        Every process calls it: under ZeRO-3 the gather for the save is a collective."""
+        with whole_parameters(self.unwrapped):
+            if self.is_main:
+                with state_view(self.unwrapped, state) if self.sharded else contextlib.nullcontext():
+                    self.unwrapped.save_pretrained(self.output_dir)
 
     def checkpoint_meta(self) -> dict:
         config = self.unwrapped.method_config
@@ -147,9 +157,9 @@ class Trainer:
         """checkpoints/step-N/, complete or absent (`eptkit.checkpoint.save_checkpoint`)."""
         trainable = self._cpu_state()  # on every process: under ZeRO-3 reading it is a collective gather
         return save_checkpoint(self.output_dir, self.state, accelerator=self.accelerator,
-                               trainable=trainable if self.is_main else None, best=self.best_state,
-                               optimizer=self.optimizer, scheduler=self.scheduler, rng=rng,
-                               meta=self.checkpoint_meta(), keep=self.config.save_total_limit)
+                               trainable=trainable if self.is_main or self.sharded else None,
+                               best=self.best_state, optimizer=self.optimizer, scheduler=self.scheduler, rng=rng,
+                               meta=self.checkpoint_meta(), keep=self.config.save_total_limit, sharded=self.sharded)
 
     def load_checkpoint(self, directory: Path) -> None:
         self.state, self.best_state = load_checkpoint(
@@ -171,9 +181,7 @@ class Trainer:
             s.best_metric, s.best_step, s.best_metrics = value, s.step, metrics
             self.best_state = self._cpu_state()
             s.bad_evals = 0
-            with whole_parameters(self.unwrapped):
-                if self.is_main:
-                    self.unwrapped.save_pretrained(self.output_dir)
+            self._save_model(self.best_state)
             return True
         s.bad_evals += 1
         return False
@@ -190,7 +198,7 @@ class Trainer:
         batch = self.collate(rows)
         inputs = {k: v.to(self.accelerator.device) for k, v in batch.items() if k in MODEL_INPUT_KEYS}
         # Gradients are all-reduced between processes only on the last micro-batch of a step.
-        with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model):
+        with contextlib.nullcontext() if sync else no_sync(self.model, self.accelerator):
             with self.accelerator.autocast():
                 loss = self.model(**inputs).loss * self.loss_scale
             self.accelerator.backward(loss * scale)
@@ -206,7 +214,7 @@ class Trainer:
         grad_norm = None
         if cfg.max_grad_norm > 0:
             grad_norm = acc.clip_grad_norm_(self.trainable_parameters(), cfg.max_grad_norm)
-            grad_norm = float(grad_norm) if grad_norm is not None else None
+            grad_norm = float(plain(grad_norm)) if grad_norm is not None else None
         lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
         self._updating = True  # a hard interrupt from here on may leave the weights half-updated
         self.optimizer.step()
@@ -329,8 +337,7 @@ class Trainer:
         with whole_parameters(model, modify=True):
             if self.best_state is not None:
                 model.load_adapter_state_dict({k: v.to(acc.device) for k, v in self.best_state.items()})
-            if self.is_main:
-                model.save_pretrained(self.output_dir)
+        self._save_model(self.best_state if self.best_state is not None or not self.sharded else self._cpu_state())
         acc.wait_for_everyone()
         test_metrics = None
         if len(self.encoded.get("test", [])) > 0:
@@ -371,12 +378,30 @@ class InterruptFlag:
         return False
 
 
+def _prepare(model, config: TrainConfig, lrs: dict, acc):
+    """(model, optimizer, scheduler) ready for `acc`. Under --fsdp where accelerate does not shard (CPUs)
+    eptkit shards before the optimizer sees the parameters and keeps the model out of prepare (which would
+    wrap it in DDP); accelerate's own FSDP (recipes/accelerate/fsdp.yaml) shards inside prepare."""
+    _tell_deepspeed(acc, config)
+    ours = check_sharding(config, model, acc)
+    if ours:
+        shard_model(model, acc.device, acc.num_processes)
+    optimizer = make_optimizer(model, config, lrs)
+    scheduler = make_scheduler(optimizer, config)
+    if ours:
+        return model, acc.prepare(optimizer), scheduler
+    return *acc.prepare(model, optimizer), scheduler
+
+
 def _accelerator(config: TrainConfig):
     from accelerate import Accelerator
 
     # Several processes on a machine without a GPU (torchrun / `accelerate launch --multi_gpu`):
     # accelerate only picks its multi-CPU (gloo) mode when told cpu=True.
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("mixed_precision: 'fp16' needs a GPU (on a CPU it would run unscaled fp32 autocast "
+                         "under an fp16 name); use 'bf16' or 'no'")
     return Accelerator(mixed_precision=config.mixed_precision, cpu=cpu)
 
 

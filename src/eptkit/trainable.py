@@ -85,8 +85,21 @@ class AdapterStateMixin:
     def _frozen_embedding_count(self) -> int:
         return 0
 
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The backbone's transformer-block classes (`eptkit.sharding.block_classes`): accelerate's FSDP
+        wraps each block of these classes as its own unit, as `--fsdp` does."""
+        from .sharding import block_classes
+
+        return block_classes(self)
+
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load tensors named as in `adapter_state_dict`; missing, extra or misshapen tensors are an error."""
+        """Load tensors named as in `adapter_state_dict`; missing, extra or misshapen tensors are an error.
+        Under sharded training (`eptkit.sharding`) each process writes its own shard of each full tensor."""
+        from .sharding import copy_into, is_sharded, reshard
+
+        if is_sharded(self):
+            reshard(self)
         expected = self.adapter_state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
@@ -100,7 +113,7 @@ class AdapterStateMixin:
                 )
         with torch.no_grad():
             for name, target in expected.items():
-                target.copy_(state[name].to(target.dtype))
+                copy_into(target, state[name])
 
 
 def set_gradient_checkpointing(model: TrainableModel, enabled: bool) -> None:
