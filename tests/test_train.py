@@ -24,6 +24,8 @@ from eptkit.baselines import build_model
 from eptkit.backbones import load_backbone
 from eptkit.tasks.registry import get_task
 from eptkit.batching import BatchPlan
+from eptkit.evaluation import evaluate_rows
+from eptkit.tasks.formatting import encode
 from eptkit.checkpoint import checkpoint_dirs
 from eptkit.config import TrainConfig
 from eptkit.train import train
@@ -181,8 +183,9 @@ def test_constant_schedule_makes_a_long_run_start_as_the_short_run(tiny_models, 
     """With lr_schedule='constant' the first N steps of a longer run are the N-step run, step for step, and
     test_at_best logs the test score of every new best validation step."""
     logs = {}
+    models = {}
     for steps in (3, 6):
-        model, tok = make_model(tiny_models["bert"], "ept")
+        model, tok = models[steps] = make_model(tiny_models["bert"], "ept")
         out = tmp_path / str(steps)
         train(model, tok, "cb", synthetic_cb(), quick_config(out, max_steps=steps, warmup_steps=2, eval_steps=1,
                                                               lr_schedule="constant", test_at_best=True,
@@ -196,6 +199,11 @@ def test_constant_schedule_makes_a_long_run_start_as_the_short_run(tiny_models, 
     best = [r for r in logs[3] if r["eval"]["improved"]][-1]
     results = json.loads((tmp_path / "3" / "results.json").read_text())
     assert results["best_step"] == best["step"] and results["test"] == pytest.approx(best["eval"]["test"])
+    # finish() reuses the scores taken at the best step instead of a second test pass: they are what the
+    # model (holding the best adapter after train) scores on the test split afresh.
+    model, tok = models[3]
+    rows = encode(synthetic_cb()["test"], get_task("cb"), tok, model.task_type, 256, truncation=True).to_list()
+    assert evaluate_rows(model.eval(), tok, get_task("cb"), rows) == pytest.approx(results["test"])
 
 
 def test_relative_rates_scale_the_embedding_space_groups_by_the_word_embedding_rms(tiny_models, tmp_path):

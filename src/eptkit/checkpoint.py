@@ -41,6 +41,7 @@ class RunState:
     best_metric: float | None = None  # validation main metric of the best evaluation so far
     best_step: int | None = None
     best_metrics: dict | None = None
+    best_test_metrics: dict | None = None  # test scores of the best step, when test_at_best scored them then
     bad_evals: int = 0  # evaluations since the last improvement (early stopping)
     train_time: float = 0.0
     step_times: list[float] = field(default_factory=list)

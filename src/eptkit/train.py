@@ -179,6 +179,7 @@ class Trainer:
         value = main_metric(self.spec, metrics)
         if s.best_metric is None or value > s.best_metric:
             s.best_metric, s.best_step, s.best_metrics = value, s.step, metrics
+            s.best_test_metrics = None  # this step's, if test_at_best scores it next
             self.best_state = self._cpu_state()
             s.bad_evals = 0
             self._save_model(self.best_state)
@@ -248,7 +249,7 @@ class Trainer:
             metrics = self.evaluate("validation")
             record["eval"] = {"validation": metrics, "improved": self._maybe_improve(metrics)}
             if cfg.test_at_best and record["eval"]["improved"] and len(self.encoded.get("test", [])) > 0:
-                record["eval"]["test"] = self.evaluate("test")
+                record["eval"]["test"] = s.best_test_metrics = self.evaluate("test")
             self.model.train()
             self.report.print(f"eval step {s.step}: {self.spec.main_metric} {main_metric(self.spec, metrics):.2f} "
                         f"(best {s.best_metric:.2f} at step {s.best_step})")
@@ -341,7 +342,9 @@ class Trainer:
         acc.wait_for_everyone()
         test_metrics = None
         if len(self.encoded.get("test", [])) > 0:
-            test_metrics = self.evaluate("test")
+            # The best adapter's test scores, unless test_at_best already took them at its step (the same
+            # adapter, so the same scores: a second pass over the test split would only cost time).
+            test_metrics = s.best_test_metrics if s.best_test_metrics is not None else self.evaluate("test")
             self.report.print(f"test ({self.spec.name}, best step {s.best_step}): "
                         + ", ".join(f"{k} {v:.2f}" for k, v in test_metrics.items()))
         results = run_results(self, stopped_early, test_metrics)
