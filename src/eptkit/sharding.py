@@ -28,6 +28,8 @@ import contextlib
 import torch
 from torch import nn
 
+from .embeddings import whole_parameters
+
 # Methods refused under sharding: PEFT's P-tuning and prefix tuning (their prompt encoders run inside PEFT's
 # own forward, on modules FSDP1 needed as separate units; not verified under FSDP2).
 UNSHARDABLE_METHODS = ("ptuning", "prefix")
@@ -108,6 +110,28 @@ def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
     if is_sharded(model):
         reshard(model)
     return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in model.adapter_state_dict().items()}
+
+
+def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors whole, as CPU copies: gathered from FSDP2's shards or ZeRO-3's partitions
+    (then a collective: every process calls it)."""
+    with whole_parameters(model):
+        return {k: v.detach().cpu().clone() for k, v in full_state(model).items()}
+
+
+def save_whole(model: nn.Module, output_dir, state: dict[str, torch.Tensor] | None, *, is_main: bool) -> None:
+    """The model's own files in output_dir, written by the main process, whole: when sharded, of `state`
+    (whole tensors from `cpu_state`). Every process calls it: under ZeRO-3 the gather is a collective."""
+    with whole_parameters(model):
+        if is_main:
+            with state_view(model, state) if state is not None and is_sharded(model) else contextlib.nullcontext():
+                model.save_pretrained(output_dir)
+
+
+def load_whole(model: nn.Module, state: dict[str, torch.Tensor], device) -> None:
+    """Whole tensors `state` into the model's trainable tensors (each process into its shard or partition)."""
+    with whole_parameters(model, modify=True):
+        model.load_adapter_state_dict({k: v.to(device) for k, v in state.items()})
 
 
 @contextlib.contextmanager

@@ -44,10 +44,9 @@ from .batching import BatchPlan, encode_splits, text_max_length
 from .checkpoint import RunState, load_checkpoint, rng_state, save_checkpoint
 from .config import TrainConfig
 from .evaluation import evaluate_rows, main_metric
-from .embeddings import whole_parameters
 from .files import atomic_write_json
 from .reporting import Report, peak_memory_mb, run_results
-from .sharding import check_sharding, full_state, is_sharded, no_sync, plain, shard_model, state_view
+from .sharding import check_sharding, cpu_state, is_sharded, load_whole, no_sync, plain, save_whole, shard_model
 from .optim import group_lrs, make_optimizer, make_scheduler, standardize_regression
 from .run_files import LOG_NAME, RESULTS_NAME, prepare_output_dir, trim_log
 from .tasks.formatting import MODEL_INPUT_KEYS, Collator
@@ -133,20 +132,6 @@ class Trainer:
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
 
-    def _cpu_state(self) -> dict[str, torch.Tensor]:
-        """The trainable tensors, whole: gathered from FSDP's shards or ZeRO-3's partitions (a collective:
-        every process must call it when sharded)."""
-        with whole_parameters(self.unwrapped):
-            return {k: v.detach().cpu().clone() for k, v in full_state(self.unwrapped).items()}
-
-    def _save_model(self, state: dict[str, torch.Tensor] | None) -> None:
-        """The model's own files in output_dir, from the main process; sharded, of `state` (whole tensors).
-        Every process calls it: under ZeRO-3 the gather for the save is a collective."""
-        with whole_parameters(self.unwrapped):
-            if self.is_main:
-                with state_view(self.unwrapped, state) if self.sharded else contextlib.nullcontext():
-                    self.unwrapped.save_pretrained(self.output_dir)
-
     def checkpoint_meta(self) -> dict:
         config = self.unwrapped.method_config
         return {"config": self.config.to_dict(), "method_config": config.to_dict() if config is not None else None,
@@ -155,7 +140,7 @@ class Trainer:
     # -------------------------------------------------------------- checkpoints
     def save_checkpoint(self, rng: dict | None = None) -> Path:
         """checkpoints/step-N/, complete or absent (`eptkit.checkpoint.save_checkpoint`)."""
-        trainable = self._cpu_state()  # on every process: under ZeRO-3 reading it is a collective gather
+        trainable = cpu_state(self.unwrapped)  # on every process: sharded, reading it is a collective
         return save_checkpoint(self.output_dir, self.state, accelerator=self.accelerator,
                                trainable=trainable if self.is_main or self.sharded else None,
                                best=self.best_state, optimizer=self.optimizer, scheduler=self.scheduler, rng=rng,
@@ -180,9 +165,9 @@ class Trainer:
         if s.best_metric is None or value > s.best_metric:
             s.best_metric, s.best_step, s.best_metrics = value, s.step, metrics
             s.best_test_metrics = None  # this step's, if test_at_best scores it next
-            self.best_state = self._cpu_state()
+            self.best_state = cpu_state(self.unwrapped)
             s.bad_evals = 0
-            self._save_model(self.best_state)
+            save_whole(self.unwrapped, self.output_dir, self.best_state, is_main=self.is_main)
             return True
         s.bad_evals += 1
         return False
@@ -335,10 +320,9 @@ class Trainer:
     def finish(self, stopped_early: bool = False) -> dict:
         """Restore and save the best adapter, score it on the test split, write results.json."""
         acc, s, model = self.accelerator, self.state, self.unwrapped
-        with whole_parameters(model, modify=True):
-            if self.best_state is not None:
-                model.load_adapter_state_dict({k: v.to(acc.device) for k, v in self.best_state.items()})
-        self._save_model(self.best_state if self.best_state is not None or not self.sharded else self._cpu_state())
+        if self.best_state is not None:
+            load_whole(model, self.best_state, acc.device)
+        save_whole(model, self.output_dir, self.best_state or cpu_state(model), is_main=self.is_main)
         acc.wait_for_everyone()
         test_metrics = None
         if len(self.encoded.get("test", [])) > 0:
