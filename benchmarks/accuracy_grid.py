@@ -35,7 +35,8 @@ BUDGET = ("steps", "eval_steps", "batch_size")
 # Shared budget: the same steps, batch, text length and evaluation schedule for every method.
 # PT (l=100) and DePT/EPT (m=60, r=30) have the same prompt budget at max_length=128 on a 384-wide
 # backbone: 100*384 = 60*384 + 30*(128+384).
-# Padding is dynamic, so max_length only bounds the offset's rows: short-text tasks do not pay for it.
+# Padding is dynamic, so --max-length (for DePT/EPT also their offset_length) only bounds the offset's
+# rows: short-text tasks do not pay for it.
 COMMON = ["--max-length", "128", "--save-steps", "0", "--max-eval-samples", "500", "--early-stopping-patience", "0"]
 METHOD_ARGS = {
     "head": ["--method", "head"],

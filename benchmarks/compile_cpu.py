@@ -61,7 +61,7 @@ def main(argv=None) -> None:
     from eptkit.backbones import bundled_model_path, load_backbone
 
     backbone, tokenizer = load_backbone(str(bundled_model_path()), "classification", num_labels=2)
-    eager = get_prompted_model(backbone, EPTConfig(prompt_length=60, rank=30, max_length=128), tokenizer=tokenizer)
+    eager = get_prompted_model(backbone, EPTConfig(prompt_length=60, rank=30, offset_length=128), tokenizer=tokenizer)
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model)
     batch = sst2_batch(tokenizer, args.data_dir, args.batch_size)

@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = torch.autocast, fp32 weights")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--source-length", type=int, default=256, help="text length (also EPT's max_length)")
+    p.add_argument("--source-length", type=int, default=256, help="text length (also EPT's offset_length)")
     p.add_argument("--target-length", type=int, default=64, help="tokens at the end of the text that carry labels")
     p.add_argument("--pt-length", type=int, default=100)
     p.add_argument("--short-length", type=int, default=60)

@@ -7,7 +7,7 @@ script times the difference itself: forward + backward of the method module alon
 interleaved rounds), which is exactly what EPT adds to a step, and states it as a fraction of a
 step time given on the command line (e.g. DePT's median from speed.py's table).
 
-    python benchmarks/ept_overhead.py --hidden 384 --max-length 128 --step-ms 8933
+    python benchmarks/ept_overhead.py --hidden 384 --offset-length 128 --step-ms 8933
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hidden", type=int, default=384)
     p.add_argument("--vocab", type=int, default=30522)
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--offset-length", type=int, default=128)
     p.add_argument("--short-length", type=int, default=60)
     p.add_argument("--rank", type=int, default=30)
     p.add_argument("--rounds", type=int, default=30)
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     emb = nn.Embedding(a.vocab, a.hidden)
-    kw = dict(prompt_length=a.short_length, rank=a.rank, max_length=a.max_length)
+    kw = dict(prompt_length=a.short_length, rank=a.rank, offset_length=a.offset_length)
     torch.manual_seed(0)
     # module_init="random": every EPT weight non-zero, the fusion and projection fully active.
     methods = {"dept": DePT(DePTConfig(**kw), emb), "ept": EPT(EPTConfig(module_init="random", **kw), emb)}

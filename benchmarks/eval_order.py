@@ -38,7 +38,7 @@ def main(argv=None) -> dict:
     spec = get_task(args.task)
     data = load_task(spec, args.data_dir)
     backbone, tok = load_backbone(bundled_model_path(), "classification", spec, num_labels=spec.num_labels)
-    model = get_prompted_model(backbone, EPTConfig(prompt_length=60, rank=30, max_length=128)).eval()
+    model = get_prompted_model(backbone, EPTConfig(prompt_length=60, rank=30, offset_length=128)).eval()
     rows = encode(subsample(data["validation"], args.rows, 0), spec, tok, "classification", 128,
                   truncation=True).to_list()
     collate = Collator(tok, "classification")

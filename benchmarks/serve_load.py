@@ -46,12 +46,12 @@ from eptkit.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKLOADS = {  # sentence pairs of RTE/MRPC (median 53 tokens) with short CoLA sentences; or short texts only
-    "pairs": {"rte-ept": ("rte", EPTConfig(prompt_length=20, rank=8, max_length=128)),
-              "mrpc-dept": ("mrpc", DePTConfig(prompt_length=20, rank=8, max_length=128)),
+    "pairs": {"rte-ept": ("rte", EPTConfig(prompt_length=20, rank=8, offset_length=128)),
+              "mrpc-dept": ("mrpc", DePTConfig(prompt_length=20, rank=8, offset_length=128)),
               "cola-pt": ("cola", PromptTuningConfig(prompt_length=20)),
               "rte-pt": ("rte", PromptTuningConfig(prompt_length=10))},
-    "short": {"sst2-ept": ("sst2", EPTConfig(prompt_length=20, rank=8, max_length=128)),
-              "cola-dept": ("cola", DePTConfig(prompt_length=20, rank=8, max_length=128)),
+    "short": {"sst2-ept": ("sst2", EPTConfig(prompt_length=20, rank=8, offset_length=128)),
+              "cola-dept": ("cola", DePTConfig(prompt_length=20, rank=8, offset_length=128)),
               "cola-pt": ("cola", PromptTuningConfig(prompt_length=20)),
               "sst2-pt": ("sst2", PromptTuningConfig(prompt_length=10))}}
 MODES = {"batched": [], "one at a time": ["--max-batch-size", "1"]}

@@ -52,6 +52,9 @@ SCHEMA = "eptkit-bench-speed/1"
 TRAIN_METHODS = ("pt", "dept", "ept", "peft_pt", "lora", "full")
 INFER_METHODS = ("ept_compiled", "pt_short", "ept", "pt")
 
+OPTIMIZER = "torch.optim.AdamW(trainable params, lr=1e-5), zero_grad(set_to_none=True)"
+SCHEDULE = "round-robin over methods, one step each per round, start rotating each round; warm-up rounds discarded"
+
 # Per-model defaults: (batch size, source length, target length); the paper's T5 setting is 32 x 256.
 DEFAULTS = {
     "minilm": dict(batch_size=16, source_length=128, target_length=3),
@@ -128,15 +131,7 @@ def run_speed_benchmark(
     `threads` calls torch.set_num_threads. `log` receives progress lines (default: silent).
     """
     log = log or (lambda s: None)
-    if model not in MODELS:
-        raise ValueError(f"model: expected one of {MODELS}, got {model!r}")
-    if dtype not in ("fp32", "bf16"):
-        raise ValueError(f"dtype: expected 'fp32' or 'bf16', got {dtype!r}")
-    unknown = sorted(set(train_methods) - set(TRAIN_METHODS)) + sorted(set(infer_methods) - set(INFER_METHODS))
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; train: {TRAIN_METHODS}, inference: {INFER_METHODS}")
-    if warmup < 0 or repeats < 1:
-        raise ValueError("warmup must be >= 0 and repeats >= 1")
+    check_arguments(model, dtype, train_methods, infer_methods, warmup, repeats)
     infer_warmup = warmup if infer_warmup is None else infer_warmup
     infer_repeats = repeats if infer_repeats is None else infer_repeats
     defaults = DEFAULTS[model]
@@ -151,6 +146,79 @@ def run_speed_benchmark(
     started = time.perf_counter()
 
     torch.manual_seed(seed)
+    base, batch, infer_batch, inputs_desc = build_inputs(model, batch_size, source_length, target_length, seed,
+                                                         data_dir, dev)
+    labels = method_labels(pt_length, short_length, rank)
+    build = MethodBuilder(base, dev, dict(pt_length=pt_length, short_length=short_length, rank=rank,
+                                          source_length=source_length, pooling=pooling))
+    train, models = time_training(train_methods, build, batch, dtype, labels, warmup, repeats, measure_memory, seed,
+                                  log)
+    inference = time_inference(infer_methods, build, models, infer_batch, dtype, labels, infer_warmup, infer_repeats,
+                               measure_memory, seed, log) if infer_methods else {}
+    ratios, targets = compute_ratios(train, inference, seed=seed)
+    seq2seq = getattr(base.config, "is_encoder_decoder", False)
+    setting = {
+        "model": model,
+        "device": str(dev),
+        "dtype": dtype + (" (torch.autocast bf16, fp32 weights)" if dtype == "bf16" else ""),
+        "batch_size": batch_size,
+        "source_length": source_length,
+        "target_length": target_length if seq2seq else None,
+        "pt_length": pt_length,
+        "short_length": short_length,
+        "rank": rank,
+        "pooling": pooling if not seq2seq else None,
+        "warmup": warmup,
+        "repeats": repeats,
+        "infer_warmup": infer_warmup,
+        "infer_repeats": infer_repeats,
+        "optimizer": OPTIMIZER,
+        "inputs": inputs_desc,
+        "schedule": SCHEDULE,
+        "memory_measure": memory_measure(dev),
+        "seed": seed,
+    }
+    return {
+        "schema": SCHEMA,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv) if sys.argv else None,
+        "setting": setting,
+        "machine": machine_info(dev),
+        "train": train,
+        "inference": inference,
+        "ratios": ratios,
+        "targets": targets,
+        "all_targets_pass": all(targets.values()) if targets else None,
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+def check_arguments(model: str, dtype: str, train_methods: Sequence[str], infer_methods: Sequence[str], warmup: int,
+                    repeats: int) -> None:
+    if model not in MODELS:
+        raise ValueError(f"model: expected one of {MODELS}, got {model!r}")
+    if dtype not in ("fp32", "bf16"):
+        raise ValueError(f"dtype: expected 'fp32' or 'bf16', got {dtype!r}")
+    unknown = sorted(set(train_methods) - set(TRAIN_METHODS)) + sorted(set(infer_methods) - set(INFER_METHODS))
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; train: {TRAIN_METHODS}, inference: {INFER_METHODS}")
+    if warmup < 0 or repeats < 1:
+        raise ValueError("warmup must be >= 0 and repeats >= 1")
+
+
+def memory_measure(dev: torch.device) -> str:
+    """The setting's description of what the memory numbers are."""
+    return ("saved_activation_bytes: distinct storages saved for backward during one training forward "
+            "(torch.autograd.graph.saved_tensors_hooks; parameters/buffers excluded); step_memory_bytes = "
+            "saved activations + trainable params + grads + AdamW state"
+            + ("; cuda_peak_step_bytes: max_memory_allocated during one step minus allocated before it"
+               if dev.type == "cuda" else ""))
+
+
+# ------------------------------------------------------------------------------------------- inputs
+def build_inputs(model: str, batch_size: int, source_length: int, target_length: int, seed: int,
+                 data_dir: str | os.PathLike | None, dev: torch.device):
+    """(backbone in eval mode, training batch, inference batch, description of the inputs), batches on `dev`."""
     base, tokenizer = build_backbone(model)
     base.eval()
     batch_cpu, inputs_desc = make_batch(model, base, tokenizer, batch_size, source_length, target_length, seed,
@@ -159,28 +227,78 @@ def run_speed_benchmark(
     infer_batch = dict(batch)
     if not getattr(base.config, "is_encoder_decoder", False):
         infer_batch.pop("labels")  # classification inference: logits only; seq2seq needs decoder inputs
-    labels = method_labels(pt_length, short_length, rank)
-    kw = dict(pt_length=pt_length, short_length=short_length, rank=rank, source_length=source_length, pooling=pooling)
+    return base, batch, infer_batch, inputs_desc
 
-    # ---------------------------------------------------------------- training
+
+class MethodBuilder:
+    """Builds a method's model over the one shared backbone, on the device, from a fixed seed."""
+
+    def __init__(self, base: nn.Module, dev: torch.device, settings: dict[str, Any]):
+        self.base, self.dev, self.settings = base, dev, settings
+
+    def __call__(self, key: str, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return build_method_model(key, self.base, **self.settings).to(self.dev)
+
+
+def inference_models(infer_methods: Sequence[str], build: MethodBuilder, trained: dict[str, nn.Module],
+                     seed: int) -> dict[str, nn.Module]:
+    """The models timed for inference, in eval mode: the trained EPT and PT where they were built for training."""
+    models: dict[str, nn.Module] = {}
+    need_ept = any(k in ("ept", "ept_compiled") for k in infer_methods)
+    ept = trained.get("ept")
+    if need_ept and ept is None:
+        ept = build("ept", seed + 100)
+    if need_ept:
+        # A "trained" adapter: perturb the zero-initialised weights so fusion/projection are not no-ops.
+        with torch.no_grad():
+            for name, p in ept.method.named_parameters():
+                if torch.count_nonzero(p) == 0:
+                    p.add_(torch.randn_like(p) * 1e-2)
+    for key in infer_methods:
+        if key == "ept":
+            models[key] = ept
+        elif key == "ept_compiled":
+            models[key] = ept.fold_prompt()
+        elif key == "pt" and "pt" in trained:
+            models[key] = trained["pt"]
+        else:
+            models[key] = build(key, seed + 200)
+    for m in models.values():
+        m.eval()
+    return models
+
+
+# ------------------------------------------------------------------------------------------- timing
+def interleaved(methods: Sequence[str], warmup: int, repeats: int, step: Callable[[str], Any],
+                seconds: Callable[[Any], float], phase: str, log: Callable[[str], None]) -> dict[str, list]:
+    """Per method, what `step(method)` returned in each of warmup + repeats rounds: one step of every
+    method per round, the first method rotating each round (slow drift of the machine hits all alike)."""
+    raw: dict[str, list] = {k: [] for k in methods}
+    order = list(methods)
+    rounds = warmup + repeats
+    for r in range(rounds if order else 0):
+        for key in order[r % len(order):] + order[: r % len(order)]:
+            raw[key].append(step(key))
+        log(f"{phase} round {r + 1}/{rounds}" + (" (warm-up)" if r < warmup else "") + ": "
+            + ", ".join(f"{k} {seconds(raw[k][-1]) * 1e3:.0f} ms" for k in order))
+    return raw
+
+
+def time_training(train_methods: Sequence[str], build: MethodBuilder, batch: dict, dtype: str, labels: dict,
+                  warmup: int, repeats: int, measure_memory: bool, seed: int, log: Callable[[str], None]):
+    """({method: times, parts and memory of a training step}, {method: its model, trained that many steps})."""
+    dev = build.dev
     models: dict[str, nn.Module] = {}
     optimizers: dict[str, torch.optim.Optimizer] = {}
     for i, key in enumerate(train_methods):
-        torch.manual_seed(seed + 1 + i)
-        m = build_method_model(key, base, **kw).to(dev)
+        m = build(key, seed + 1 + i)
         m.train()
         models[key] = m
         optimizers[key] = torch.optim.AdamW(trainable_parameters(m), lr=1e-5)
-    rounds = warmup + repeats
-    raw: dict[str, list[dict[str, float]]] = {k: [] for k in train_methods}
-    order = list(train_methods)
-    for r in range(rounds):
-        rot = order[r % len(order):] + order[: r % len(order)] if order else []
-        for key in rot:
-            raw[key].append(train_step(models[key], optimizers[key], batch, dev, dtype, Clock(dev)))
-        if order:
-            log(f"train round {r + 1}/{rounds}" + (" (warm-up)" if r < warmup else "") + ": "
-                + ", ".join(f"{k} {raw[k][-1]['total'] * 1e3:.0f} ms" for k in order))
+    raw = interleaved(train_methods, warmup, repeats,
+                      lambda key: train_step(models[key], optimizers[key], batch, dev, dtype, Clock(dev)),
+                      lambda x: x["total"], "train", log)
     train: dict[str, Any] = {}
     for key in train_methods:
         timed = raw[key][warmup:]
@@ -198,93 +316,25 @@ def run_speed_benchmark(
         for key in train_methods:
             train[key]["memory"] = measure_train_memory(models[key], optimizers[key], batch, dev, dtype)
             log(f"memory {key}: saved activations {train[key]['memory']['saved_activation_bytes'] / 2**20:.1f} MiB")
-    optimizers.clear()
+    return train, models
 
-    # ---------------------------------------------------------------- inference
+
+def time_inference(infer_methods: Sequence[str], build: MethodBuilder, trained: dict[str, nn.Module],
+                   infer_batch: dict, dtype: str, labels: dict, warmup: int, repeats: int, measure_memory: bool,
+                   seed: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """{method: times (and on CUDA memory) of a forward pass under no_grad}."""
+    dev = build.dev
+    models = inference_models(infer_methods, build, trained, seed)
+    raw = interleaved(infer_methods, warmup, repeats, lambda key: infer_step(models[key], infer_batch, dev, dtype),
+                      float, "inference", log)
     inference: dict[str, Any] = {}
-    infer_models: dict[str, nn.Module] = {}
-    if infer_methods:
-        need_ept = any(k in ("ept", "ept_compiled") for k in infer_methods)
-        ept = models.get("ept")
-        if need_ept and ept is None:
-            torch.manual_seed(seed + 100)
-            ept = build_method_model("ept", base, **kw).to(dev)
-        if need_ept:
-            # A "trained" adapter: perturb the zero-initialised weights so fusion/projection are not no-ops.
-            with torch.no_grad():
-                for name, p in ept.method.named_parameters():
-                    if torch.count_nonzero(p) == 0:
-                        p.add_(torch.randn_like(p) * 1e-2)
-        for key in infer_methods:
-            if key == "ept":
-                infer_models[key] = ept
-            elif key == "ept_compiled":
-                infer_models[key] = ept.fold_prompt()
-            elif key == "pt" and "pt" in models:
-                infer_models[key] = models["pt"]
-            else:
-                torch.manual_seed(seed + 200)
-                infer_models[key] = build_method_model(key, base, **kw).to(dev)
-        for m in infer_models.values():
-            m.eval()
-        iraw: dict[str, list[float]] = {k: [] for k in infer_methods}
-        order = list(infer_methods)
-        irounds = infer_warmup + infer_repeats
-        for r in range(irounds):
-            rot = order[r % len(order):] + order[: r % len(order)]
-            for key in rot:
-                iraw[key].append(infer_step(infer_models[key], infer_batch, dev, dtype))
-            log(f"inference round {r + 1}/{irounds}" + (" (warm-up)" if r < infer_warmup else "") + ": "
-                + ", ".join(f"{k} {iraw[k][-1] * 1e3:.0f} ms" for k in order))
-        for key in infer_methods:
-            times = iraw[key][infer_warmup:]
-            inference[key] = {"label": labels[key], "times_s": times, "warmup_times_s": iraw[key][:infer_warmup],
-                              **summarize(times)}
-            if measure_memory and dev.type == "cuda":
-                inference[key]["memory"] = measure_infer_memory(infer_models[key], infer_batch, dev, dtype)
-
-    ratios, targets = compute_ratios(train, inference, seed=seed)
-
-    return {
-        "schema": SCHEMA,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv) if sys.argv else None,
-        "setting": {
-            "model": model,
-            "device": str(dev),
-            "dtype": dtype + (" (torch.autocast bf16, fp32 weights)" if dtype == "bf16" else ""),
-            "batch_size": batch_size,
-            "source_length": source_length,
-            "target_length": target_length if getattr(base.config, "is_encoder_decoder", False) else None,
-            "pt_length": pt_length,
-            "short_length": short_length,
-            "rank": rank,
-            "pooling": pooling if not getattr(base.config, "is_encoder_decoder", False) else None,
-            "warmup": warmup,
-            "repeats": repeats,
-            "infer_warmup": infer_warmup,
-            "infer_repeats": infer_repeats,
-            "optimizer": "torch.optim.AdamW(trainable params, lr=1e-5), zero_grad(set_to_none=True)",
-            "inputs": inputs_desc,
-            "schedule": "round-robin over methods, one step each per round, start rotating each round; "
-                        "warm-up rounds discarded",
-            "memory_measure": (
-                "saved_activation_bytes: distinct storages saved for backward during one training forward "
-                "(torch.autograd.graph.saved_tensors_hooks; parameters/buffers excluded); step_memory_bytes = "
-                "saved activations + trainable params + grads + AdamW state"
-                + ("; cuda_peak_step_bytes: max_memory_allocated during one step minus allocated before it"
-                   if dev.type == "cuda" else "")
-            ),
-            "seed": seed,
-        },
-        "machine": machine_info(dev),
-        "train": train,
-        "inference": inference,
-        "ratios": ratios,
-        "targets": targets,
-        "all_targets_pass": all(targets.values()) if targets else None,
-        "wall_s": time.perf_counter() - started,
-    }
+    for key in infer_methods:
+        times = raw[key][warmup:]
+        inference[key] = {"label": labels[key], "times_s": times, "warmup_times_s": raw[key][:warmup],
+                          **summarize(times)}
+        if measure_memory and dev.type == "cuda":
+            inference[key]["memory"] = measure_infer_memory(models[key], infer_batch, dev, dtype)
+    return inference
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -294,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = torch.autocast, fp32 weights")
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--source-length", type=int, default=None, help="source length s (also DePT/EPT max_length)")
+    p.add_argument("--source-length", type=int, default=None, help="source length s (also DePT/EPT offset_length)")
     p.add_argument("--target-length", type=int, default=None, help="seq2seq target length")
     p.add_argument("--pt-length", type=int, default=100, help="PT prompt length l")
     p.add_argument("--short-length", type=int, default=60, help="DePT/EPT prompt length m")

@@ -119,9 +119,9 @@ def build_method_model(key: str, base: nn.Module, *, pt_length: int, short_lengt
     if key == "pt_short":
         return get_prompted_model(model, PromptTuningConfig(prompt_length=short_length, **pool))
     if key == "dept":
-        return get_prompted_model(model, DePTConfig(prompt_length=short_length, rank=rank, max_length=source_length, **pool))
+        return get_prompted_model(model, DePTConfig(prompt_length=short_length, rank=rank, offset_length=source_length, **pool))
     if key == "ept":
-        return get_prompted_model(model, EPTConfig(prompt_length=short_length, rank=rank, max_length=source_length, **pool))
+        return get_prompted_model(model, EPTConfig(prompt_length=short_length, rank=rank, offset_length=source_length, **pool))
     if key == "peft_pt":
         import peft
 

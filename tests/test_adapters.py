@@ -24,8 +24,8 @@ def _trained(model, config):
     return prompted.eval()
 
 
-CONFIGS = [PromptTuningConfig(prompt_length=4), DePTConfig(prompt_length=3, rank=2, max_length=16),
-           EPTConfig(prompt_length=3, rank=2, max_length=16, fusion_rank=2)]
+CONFIGS = [PromptTuningConfig(prompt_length=4), DePTConfig(prompt_length=3, rank=2, offset_length=16),
+           EPTConfig(prompt_length=3, rank=2, offset_length=16, fusion_rank=2)]
 
 
 def _outputs(prompted, ids):
@@ -116,6 +116,21 @@ def test_adapter_saved_before_text_positions_loads_in_its_layout(tmp_path, rando
     assert torch.equal(_outputs(loaded, ids), _outputs(old_layout, ids))
 
 
+def test_adapter_saved_with_max_length_loads_without_a_warning(tmp_path, random_ids, caplog):
+    """Adapter files written before DePT/EPT's offset rows were called offset_length hold max_length."""
+    old = _trained(tiny_bert(), CONFIGS[2])
+    old.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    saved["max_length"] = saved.pop("offset_length")
+    path.write_text(json.dumps(saved))
+    loaded = PromptedModel.from_pretrained(tiny_bert(), tmp_path).eval()
+    assert loaded.config == old.config and loaded.config.offset_length == 16
+    ids = random_ids(2, 6)
+    assert torch.equal(_outputs(loaded, ids), _outputs(old, ids))
+    assert "deprecated" not in caplog.text  # the user has nothing to change: the file is as it was written
+
+
 def test_export_refuses_what_peft_cannot_reproduce(tmp_path):
     with pytest.raises(ValueError, match="only prompt tuning"):
         export_peft(_trained(tiny_t5(), CONFIGS[1]), tmp_path)
@@ -138,7 +153,7 @@ def test_dept_checkpoint_loads_with_weights_only(tmp_path, random_ids):
         "lora_alpha": 8, "max_length": 16, "token_dim": 32, "num_transformer_submodules": 1}))
     model = tiny_t5()
     ours = PromptedModel.from_pretrained(model, tmp_path).eval()
-    assert ours.config.method == "dept"
+    assert ours.config.method == "dept" and ours.config.offset_length == 16  # DePT's file calls it max_length
     ids = random_ids(2, 6)
     # DePT's forward, by hand: inputs_embeds + (alpha/sqrt(r)) A B on the (unpadded) positions.
     embeds = model.get_input_embeddings()(ids) + 8 / math.sqrt(2) * (A @ B)[:6]

@@ -4,6 +4,7 @@ End-to-end runs use the real data folder (skipped if absent) with a tiny random 
 bundled MiniLM tokenizer, so each run takes seconds.
 """
 
+import importlib.util
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import data_dir
 from eptkit.cli import main
@@ -68,7 +70,7 @@ def test_train_writes_the_output_directory(trained):
     assert results["task"] == "cb" and results["method"] == "ept" and results["steps"] == 4
     assert results["num_examples"] == {"train": 32, "validation": 16, "test": 16}
     assert set(results["test"]) == {"accuracy", "macro_f1", "average"}
-    assert results["config"]["method"]["prompt_length"] == 4 and results["config"]["method"]["max_length"] == 64
+    assert results["config"]["method"]["prompt_length"] == 4 and results["config"]["method"]["offset_length"] == 64
     assert {"eptkit", "torch", "transformers", "accelerate"} <= set(results["versions"])
     run = json.loads((trained / "eptkit_run.json").read_text())
     assert run["task"] == "cb" and Path(run["backbone"]).is_dir()
@@ -97,6 +99,24 @@ def test_train_other_methods(tiny, tmp_path, capsys, method):
     code, out, err = run_cli(small_train_args(tiny["bert"], tmp_path, method, steps=2), capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "results.json").read_text())["method"] == method
+
+
+@needs_data
+def test_train_with_gradient_checkpointing(tiny, tmp_path, capsys):
+    """Two steps with --gradient-checkpointing: recorded in eptkit_run.json, and the adapter is the one a run
+    without it trains (recomputing the layers changes no number; the tiny BERT's dropout is on, and the
+    recomputation replays its masks)."""
+    runs = {}
+    for on in (True, False):
+        out = tmp_path / str(on)
+        code, _, err = run_cli(small_train_args(tiny["bert"], out, "ept", steps=2)
+                               + (["--gradient-checkpointing"] if on else []), capsys)
+        assert code == 0, err
+        assert json.loads((out / "eptkit_run.json").read_text())["gradient_checkpointing"] is on
+        runs[on] = load_file(str(out / "adapter_model.safetensors"))
+    assert runs[True].keys() == runs[False].keys()
+    for name, tensor in runs[False].items():
+        torch.testing.assert_close(runs[True][name], tensor, rtol=1e-6, atol=1e-6, msg=name)
 
 
 def test_users_own_files(tiny, tmp_path, capsys):
@@ -172,11 +192,11 @@ def test_help_lists_every_option(capsys):
         main(["train", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for opt in ("--prompt-length", "--rank", "--max-length", "--num-subspaces", "--subspace-rank", "--no-fusion",
+    for opt in ("--prompt-length", "--rank", "--max-length", "--offset-length", "--num-subspaces", "--subspace-rank", "--no-fusion",
                 "--lr", "--lr-low-rank", "--batch-size", "--max-steps", "--eval-steps", "--save-steps", "--seed",
                 "--k-shot", "--resume", "--config", "--train-file", "--text-columns", "--label-column",
                 "--mixed-precision", "--gradient-accumulation-steps", "--early-stopping-patience",
-                "--max-train-samples"):
+                "--max-train-samples", "--gradient-checkpointing"):
         assert opt in out, opt
     for cmd in ("evaluate", "predict", "export", "info"):
         with pytest.raises(SystemExit):
@@ -255,6 +275,52 @@ def test_two_processes_with_accelerate_launch(tiny, tmp_path):
     assert results["num_processes"] == 2 and results["steps"] == 4 and results["test"] is not None
     ckpt = sorted((out / "checkpoints").iterdir())[-1]
     assert {"rng-0.pt", "rng-1.pt", "trainable.safetensors", "optimizer.pt"} <= {p.name for p in ckpt.iterdir()}
+
+
+ZERO3_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "zero3.yaml"
+
+
+def test_the_zero3_recipe_is_an_accelerate_deepspeed_config():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ZERO3_RECIPE))
+    assert config.distributed_type == "DEEPSPEED" and config.mixed_precision == "bf16"
+    ds = config.deepspeed_config
+    assert ds["zero_stage"] == 3 and ds["zero3_init_flag"] is True
+    assert ds["offload_param_device"] == ds["offload_optimizer_device"] == "none"
+
+
+@needs_data
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_zero3_with_accelerate_launch_trains_what_one_process_trains(tiny, tmp_path):
+    """DeepSpeed ZeRO-3 on the CPU (its CPU accelerator, gloo, one process) through `accelerate launch`, with
+    the recipe's settings but every parameter partitioned (persistence threshold 0: in a tiny model the prompt
+    and head would otherwise stay whole, as small tensors do): the word embeddings, prompt and head are
+    placeholders, and the saved adapter must still equal the one of a plain run."""
+    import yaml
+
+    recipe = yaml.safe_load(ZERO3_RECIPE.read_text())
+    ds = recipe["deepspeed_config"]
+    (tmp_path / "ds.json").write_text(json.dumps({
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                              "offload_param": {"device": ds["offload_param_device"]},
+                              "offload_optimizer": {"device": ds["offload_optimizer_device"]}},
+        "gradient_clipping": ds["gradient_clipping"], "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": "auto", "bf16": {"enabled": False}}))
+    recipe.update(deepspeed_config={"deepspeed_config_file": str(tmp_path / "ds.json"), "zero3_init_flag": True},
+                  num_processes=1)
+    recipe.pop("mixed_precision")  # the DeepSpeed file decides it (bf16 is for GPUs)
+    (tmp_path / "zero3.yaml").write_text(yaml.safe_dump(recipe))
+    args = small_train_args(tiny["bert"], tmp_path / "zero3", "pt", steps=3) + ["--gradient-checkpointing"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "zero3.yaml"),
+           "--main_process_port", "0", "-m", "eptkit.cli", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**ENV, "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main([str(a) for a in small_train_args(tiny["bert"], tmp_path / "plain", "pt", steps=3)]) == 0
+    zero3 = load_file(str(tmp_path / "zero3" / "adapter_model.safetensors"))
+    for name, tensor in load_file(str(tmp_path / "plain" / "adapter_model.safetensors")).items():
+        torch.testing.assert_close(zero3[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("recipe", sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*/*.json")),

@@ -47,7 +47,7 @@ def _models():
     models = []
     for i in range(2):
         torch.manual_seed(i)
-        models.append(_filled(get_prompted_model(tiny_bert(), DePTConfig(prompt_length=3 + i, max_length=8, rank=2)),
+        models.append(_filled(get_prompted_model(tiny_bert(), DePTConfig(prompt_length=3 + i, offset_length=8, rank=2)),
                               float(i + 1)))
     return models
 

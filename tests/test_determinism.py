@@ -27,7 +27,7 @@ def test_offset_gradient_is_bitwise_repeatable_and_summed_in_token_order():
         backbone = BertForSequenceClassification(BertConfig(
             vocab_size=120, hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
             max_position_embeddings=128, num_labels=2))
-        model = get_prompted_model(backbone, DePTConfig(prompt_length=4, max_length=100, rank=4))
+        model = get_prompted_model(backbone, DePTConfig(prompt_length=4, offset_length=100, rank=4))
         with torch.no_grad():
             model.adapters["default"].lora_embedding_B.normal_()
         g = torch.Generator().manual_seed(3)

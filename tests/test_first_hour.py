@@ -263,6 +263,53 @@ def test_a_model_whose_head_has_another_label_count_trains(tiny_models, tmp_path
         assert cli(capsys, "evaluate", "--adapter", tmp_path / method)[0] == 0
 
 
+def test_loading_a_backbone_prints_no_transformers_bars_or_report(tiny_models, tmp_path, capfd, caplog):  # noqa: F811
+    """Issue 22: the bundled backbone loads without transformers' "Loading weights" bar and its LOAD REPORT
+    (the MISSING block of the head eptkit asks for); a head of another size still gets eptkit's warning;
+    transformers' switches are as they were afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    report_logger = hf_logging.get_logger("transformers.modeling_utils")
+    filters = list(report_logger.filters)
+    bars_were_on, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.enable_progress_bar()  # as a library user has them (the CLI's commands switch both off)
+    hf_logging.set_verbosity_warning()
+    try:
+        _load_quietly(tiny_models, tmp_path, capfd, caplog)
+        # Restored: the filter is gone, and transformers' own bar shows again outside the load.
+        assert report_logger.filters == filters
+        for _ in hf_logging.tqdm(range(3), desc="Loading weights"):
+            pass
+        assert "Loading weights" in capfd.readouterr().err
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if not bars_were_on:
+            hf_logging.disable_progress_bar()
+
+
+def _load_quietly(tiny_models, tmp_path, capfd, caplog):  # noqa: F811
+    import logging
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from eptkit.backbones import bundled_model_path, load_backbone
+
+    model, _ = load_backbone(bundled_model_path(), "classification", num_labels=3)
+    out, err = capfd.readouterr()
+    assert model.config.num_labels == 3 and not out and "Loading weights" not in err and "LOAD REPORT" not in err
+    two = tmp_path / "two-labels"
+    AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"], num_labels=2).save_pretrained(two)
+    AutoTokenizer.from_pretrained(tiny_models["bert"]).save_pretrained(two)
+    capfd.readouterr()
+    caplog.clear()  # the setup's own from_pretrained reports its missing head
+    with caplog.at_level(logging.WARNING):
+        load_backbone(str(two), "classification", num_labels=3)
+    out, err = capfd.readouterr()
+    text = out + err + caplog.text
+    assert "Loading weights" not in text and "LOAD REPORT" not in text and "MISSING" not in text
+    assert "its classification head has 2 labels and the task has 3" in text
+
+
 def test_an_adapter_saved_from_python_loads_into_a_server_given_its_task(tiny_models, tmp_path):  # noqa: F811
     from eptkit.serve import RunningServer, ServeConfig, load_pool
     from eptkit.tasks.errors import MissingTask

@@ -86,7 +86,7 @@ def test_well_formed_rows_load_exactly(tmp_path_factory, texts, labels, suffix):
 @pytest.fixture(scope="module")
 def saved_adapter(tmp_path_factory):
     torch.manual_seed(0)
-    model = get_prompted_model(tiny_bert(), DePTConfig(prompt_length=3, max_length=8, rank=2))
+    model = get_prompted_model(tiny_bert(), DePTConfig(prompt_length=3, offset_length=8, rank=2))
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -133,7 +133,7 @@ def test_a_corrupted_byte_is_an_error_or_loads_the_same_adapter(tmp_path_factory
     assert set(state) == set(tensors) and all(torch.equal(state[k], tensors[k]) for k in tensors)
 
 
-CONFIG_KEYS = ["method", "prompt_length", "max_length", "rank", "alpha", "compiled", "task_type", "hidden_size",
+CONFIG_KEYS = ["method", "prompt_length", "offset_length", "max_length", "rank", "alpha", "compiled", "task_type", "hidden_size",
                "peft_type", "num_virtual_tokens", "pooling", "init", "r", "token_dim", "weights_sha256"]
 
 

@@ -40,7 +40,7 @@ def test_prompt_init_random_matches_vocabulary_scale():
 
 
 def test_dept_offset_formula():
-    method = DePT(DePTConfig(prompt_length=4, rank=3, max_length=10, alpha=8.0), embeddings())
+    method = DePT(DePTConfig(prompt_length=4, rank=3, offset_length=10, alpha=8.0), embeddings())
     with torch.no_grad():
         method.lora_embedding_B.normal_()
     A, B = method.lora_embedding_A, method.lora_embedding_B
@@ -54,16 +54,16 @@ def test_dept_offset_formula():
 
 
 def test_dept_starts_with_zero_offset_and_kaiming_A():
-    method = DePT(DePTConfig(prompt_length=4, rank=3, max_length=10), embeddings())
+    method = DePT(DePTConfig(prompt_length=4, rank=3, offset_length=10), embeddings())
     assert torch.count_nonzero(method.offset()) == 0
     bound = 1 / math.sqrt(3)  # kaiming_uniform(a=sqrt(5)) on a (10 x 3) tensor: fan_in = 3
     assert method.lora_embedding_A.abs().max() <= bound and method.lora_embedding_A.std() > 0.1 * bound
 
 
 def _ept_and_dept(**kwargs):
-    config = EPTConfig(prompt_length=4, rank=3, max_length=10, **kwargs)
+    config = EPTConfig(prompt_length=4, rank=3, offset_length=10, **kwargs)
     ept = EPT(config, embeddings())
-    dept = DePT(DePTConfig(prompt_length=4, rank=3, max_length=10), embeddings())
+    dept = DePT(DePTConfig(prompt_length=4, rank=3, offset_length=10), embeddings())
     dept.load_state_dict({k: v for k, v in ept.state_dict().items() if k in dept.state_dict()})
     return ept, dept
 

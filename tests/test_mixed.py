@@ -26,9 +26,9 @@ def _randomize(prompted, name, seed):
 def _four_adapters(backbone, pooling=None, second_pooling=None, dept_positions="after_prompt"):
     """PT, DePT and EPT with different prompt lengths and ranks, and EPT compiled, on one backbone."""
     model = get_prompted_model(backbone, PromptTuningConfig(prompt_length=3, pooling=pooling), adapter_name="pt")
-    model.add_adapter("dept", DePTConfig(prompt_length=5, rank=2, max_length=16, pooling=second_pooling or pooling,
+    model.add_adapter("dept", DePTConfig(prompt_length=5, rank=2, offset_length=16, pooling=second_pooling or pooling,
                                          text_positions=dept_positions))
-    model.add_adapter("ept", EPTConfig(prompt_length=2, rank=3, max_length=16, num_subspaces=2, subspace_rank=2,
+    model.add_adapter("ept", EPTConfig(prompt_length=2, rank=3, offset_length=16, num_subspaces=2, subspace_rank=2,
                                        fusion_rank=2, module_init="random", pooling=pooling))
     for seed, name in enumerate(("pt", "dept", "ept")):
         _randomize(model, name, seed)
@@ -165,7 +165,7 @@ def test_bundled_minilm_two_saved_adapters_answer_one_mixed_batch(tmp_path):
     path = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     sources = {}
-    for seed, (name, config) in enumerate([("sentiment", EPTConfig(prompt_length=4, rank=2, max_length=32)),
+    for seed, (name, config) in enumerate([("sentiment", EPTConfig(prompt_length=4, rank=2, offset_length=32)),
                                            ("topic", PromptTuningConfig(prompt_length=8))]):
         torch.manual_seed(seed)
         prompted = get_prompted_model(AutoModelForSequenceClassification.from_pretrained(path, num_labels=2), config)

@@ -61,7 +61,7 @@ def test_causal_matches_peft(make_model, shared_prefix, random_ids):
 
 
 def _trained_dept(model, config_cls=DePTConfig, **kw):
-    prompted = get_prompted_model(model, config_cls(prompt_length=3, rank=2, max_length=12, **kw))
+    prompted = get_prompted_model(model, config_cls(prompt_length=3, rank=2, offset_length=12, **kw))
     with torch.no_grad():
         prompted.method.lora_embedding_B.normal_()
     return prompted.eval()
@@ -99,12 +99,12 @@ def test_offset_rows_count_from_first_real_token_left_or_right_padded(random_ids
     assert torch.allclose(alone[:, 3:], r_emb[:, 3:7])
 
 
-def test_input_longer_than_max_length_is_a_clear_error(random_ids):
+def test_input_longer_than_the_offset_is_a_clear_error(random_ids):
     prompted = _trained_dept(tiny_bert())
-    with pytest.raises(ValueError, match="max_length=12"):
+    with pytest.raises(ValueError, match="offset_length=12"):
         prompted(input_ids=random_ids(1, 13))
     mask = torch.ones(1, 16, dtype=torch.long)
-    mask[0, 12:] = 0  # padded beyond max_length is fine: only real tokens count
+    mask[0, 12:] = 0  # padded beyond offset_length is fine: only real tokens count
     prompted(input_ids=random_ids(1, 16), attention_mask=mask)
 
 
@@ -129,7 +129,7 @@ def test_causal_offset_goes_to_source_tokens_only(random_ids):
 @pytest.mark.parametrize("make_model", [tiny_gpt2, tiny_llama])
 @pytest.mark.parametrize("config_cls", [PromptTuningConfig, EPTConfig])
 def test_left_padded_batch_generates_what_each_row_generates_alone(make_model, config_cls):
-    kw = {"prompt_length": 3} if config_cls is PromptTuningConfig else {"prompt_length": 3, "rank": 2, "max_length": 12}
+    kw = {"prompt_length": 3} if config_cls is PromptTuningConfig else {"prompt_length": 3, "rank": 2, "offset_length": 12}
     prompted = get_prompted_model(make_model(), config_cls(**kw)).eval()
     if config_cls is EPTConfig:
         with torch.no_grad():
@@ -184,8 +184,8 @@ def test_t5_generate_uses_encoder_prompt(random_ids):
 
 
 @pytest.mark.parametrize("config", [PromptTuningConfig(prompt_length=4),
-                                    DePTConfig(prompt_length=3, rank=2, max_length=16),
-                                    EPTConfig(prompt_length=3, rank=2, max_length=16)])
+                                    DePTConfig(prompt_length=3, rank=2, offset_length=16),
+                                    EPTConfig(prompt_length=3, rank=2, offset_length=16)])
 def test_only_adapter_and_head_train_and_backbone_is_bit_identical(config, random_ids):
     model = tiny_bert()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -213,8 +213,8 @@ def test_only_adapter_and_head_train_and_backbone_is_bit_identical(config, rando
 
 
 def test_bf16_backbone(random_ids):
-    for make, cfg in [(tiny_bert, EPTConfig(prompt_length=3, rank=2, max_length=16)),
-                      (tiny_gpt2, EPTConfig(prompt_length=3, rank=2, max_length=16))]:
+    for make, cfg in [(tiny_bert, EPTConfig(prompt_length=3, rank=2, offset_length=16)),
+                      (tiny_gpt2, EPTConfig(prompt_length=3, rank=2, offset_length=16))]:
         prompted = get_prompted_model(make().to(torch.bfloat16), cfg)
         ids = random_ids(2, 6)
         labels = torch.tensor([0, 1]) if prompted.task_type == "classification" else ids
@@ -330,31 +330,31 @@ def test_bundled_minilm_runs_all_methods():
     model = AutoModelForSequenceClassification.from_pretrained(str(minilm_path()), num_labels=2)
     batch = tok(["a fine film", "dull and far too long"], ["it is", "no"], padding=True, return_tensors="pt")
     for config in (PromptTuningConfig(prompt_length=10, init="text", init_text="Classify the sentiment"),
-                   DePTConfig(prompt_length=6, rank=4, max_length=32),
-                   EPTConfig(prompt_length=6, rank=4, max_length=32)):
+                   DePTConfig(prompt_length=6, rank=4, offset_length=32),
+                   EPTConfig(prompt_length=6, rank=4, offset_length=32)):
         prompted = get_prompted_model(model, config, tokenizer=tok)
         out = prompted(**batch, labels=torch.tensor([1, 0]))
         out.loss.backward()
         assert out.logits.shape == (2, 2) and torch.isfinite(out.loss)
 
 
-def test_prompt_plus_max_length_must_fit_the_positions():
+def test_prompt_plus_offset_length_must_fit_the_positions():
     with pytest.raises(ValueError, match="max_position_embeddings=128"):
-        get_prompted_model(tiny_bert(), DePTConfig(prompt_length=60, rank=2, max_length=100))
+        get_prompted_model(tiny_bert(), DePTConfig(prompt_length=60, rank=2, offset_length=100))
 
 
 def test_roberta_positions_are_counted_from_padding_idx_plus_one():
     # RoBERTa numbers its tokens from padding_idx + 1 = 2: of its 130 position embeddings 128 are usable.
-    fits = get_prompted_model(tiny_roberta(), DePTConfig(prompt_length=6, rank=2, max_length=122))
+    fits = get_prompted_model(tiny_roberta(), DePTConfig(prompt_length=6, rank=2, offset_length=122))
     fits(input_ids=torch.randint(3, 100, (1, 122)))
     with pytest.raises(ValueError, match=r"6 \+ 123 = 129 exceeds the backbone's max_position_embeddings=130 "
                                          r"\(128 usable: its positions are numbered from 2\)"):
-        get_prompted_model(tiny_roberta(), DePTConfig(prompt_length=6, rank=2, max_length=123))
+        get_prompted_model(tiny_roberta(), DePTConfig(prompt_length=6, rank=2, offset_length=123))
 
 
 def test_named_adapters_share_one_frozen_backbone(random_ids):
     model = tiny_bert()
-    prompted = get_prompted_model(model, EPTConfig(prompt_length=3, rank=2, max_length=16))
+    prompted = get_prompted_model(model, EPTConfig(prompt_length=3, rank=2, offset_length=16))
     prompted.add_adapter("other", PromptTuningConfig(prompt_length=5))
     ids = random_ids(2, 6)
     with torch.no_grad():

@@ -156,7 +156,7 @@ def test_runs_of_different_methods_equal_separate_runs(kind, length_waste, tmp_p
     pass (0.0: each run's rows split over several passes), or one pass for all (None)."""
     backbone, tok = _backbone(kind)
     configs = {"pt": PromptTuningConfig(prompt_length=3),
-               "ept": EPTConfig(prompt_length=5, rank=2, max_length=48, num_subspaces=2, subspace_rank=2,
+               "ept": EPTConfig(prompt_length=5, rank=2, offset_length=48, num_subspaces=2, subspace_rank=2,
                                 module_init="random")}
     pristine = copy.deepcopy(backbone)
     shared = get_prompted_model(backbone, configs["pt"], adapter_name="pt")

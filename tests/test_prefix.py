@@ -11,8 +11,8 @@ from conftest import tiny_gpt2, tiny_llama
 
 CONFIGS = {
     "pt": PromptTuningConfig(prompt_length=4),
-    "dept": DePTConfig(prompt_length=4, rank=2, max_length=16),
-    "ept": EPTConfig(prompt_length=4, rank=2, max_length=16, num_subspaces=2, subspace_rank=2, fusion_rank=2,
+    "dept": DePTConfig(prompt_length=4, rank=2, offset_length=16),
+    "ept": EPTConfig(prompt_length=4, rank=2, offset_length=16, num_subspaces=2, subspace_rank=2, fusion_rank=2,
                      module_init="random"),
 }
 

@@ -85,3 +85,23 @@ def test_a_toy_method_registered_in_one_place_trains_saves_and_reloads(tiny_mode
         assert torch.allclose(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-6)
     finally:
         METHODS.pop("toy", None)
+
+
+def test_max_length_gives_dept_and_ept_their_offset_unless_offset_length_is_given():
+    """--max-length is the text length of every method; DePT/EPT's offset covers it unless --offset-length says
+    otherwise, and then the offset's rows are the text length they read."""
+    import pytest
+
+    from eptkit.console import UsageError
+
+    for method in ("dept", "ept"):
+        assert build_configs(resolve({"method": method}))[0].offset_length == 256
+        method_config, train_config = build_configs(resolve({"method": method, "max_length": 64}))
+        assert (method_config.offset_length, train_config.max_length) == (64, 64)
+        method_config, train_config = build_configs(resolve({"method": method, "max_length": 64, "offset_length": 32}))
+        assert (method_config.offset_length, train_config.max_length) == (32, 32)
+    for method in ("pt", "lora"):
+        method_config, train_config = build_configs(resolve({"method": method, "max_length": 64}))
+        assert not hasattr(method_config, "offset_length") and train_config.max_length == 64
+        with pytest.raises(UsageError, match="--offset-length"):
+            build_configs(resolve({"method": method, "offset_length": 32}))

@@ -270,6 +270,30 @@ def test_binding_beyond_loopback_is_an_explicit_choice(runs, capsys):
     assert "NAME=DIR" in capsys.readouterr().err
 
 
+def test_every_serve_config_field_is_a_flag_with_its_help():
+    import dataclasses
+
+    from eptkit.cli import build_parser
+
+    subparsers = next(a for a in build_parser()._actions if a.dest == "command")
+    actions = {a.dest: a for a in subparsers.choices["serve"]._actions}
+    fields = dataclasses.fields(ServeConfig)
+    for f in fields:
+        action = actions[f.name]
+        on_by_default = f.default is True  # a switch that is on is written --no-NAME
+        assert action.option_strings == ["--" + ("no-" if on_by_default else "") + f.name.replace("_", "-")]
+        assert action.help.startswith(f.metadata.get("flag_help") or f.metadata["help"]), f.name
+        assert action.default == f.default, f.name
+    # the flags as a user writes them reach the config, each to its own field
+    args = subparsers.choices["serve"].parse_args(["--adapter", "a=b", "--port", "0", "--max-batch-size", "3",
+                                                   "--batch-window-ms", "2.5", "--no-fold", "--allow-remote",
+                                                   "--host", "0.0.0.0", "--model", "m", "--max-rows", "7",
+                                                   "--max-body-bytes", "99", "--log-level", "warning"])
+    config = ServeConfig(**{f.name: getattr(args, f.name) for f in fields})
+    assert config == ServeConfig(host="0.0.0.0", port=0, allow_remote=True, model="m", max_batch_size=3,
+                                 batch_window_ms=2.5, max_rows=7, max_body_bytes=99, fold=False, log_level="warning")
+
+
 def test_rows_of_similar_length_share_a_pass():
     lengths = [10, 12, 50, 11, 55, 128, 60, 13]
     groups = length_groups(lengths)

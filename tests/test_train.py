@@ -89,8 +89,8 @@ def make_model(path, method="ept", task_type="classification", config=None):
     backbone, tok = load_backbone(path, task_type, get_task("cb"))
     if config is None and method in ("pt", "dept", "ept"):
         config = {"pt": PromptTuningConfig(prompt_length=4),
-                  "dept": DePTConfig(prompt_length=4, rank=2, max_length=48),
-                  "ept": EPTConfig(prompt_length=4, rank=2, max_length=48, num_subspaces=2, subspace_rank=2)}[method]
+                  "dept": DePTConfig(prompt_length=4, rank=2, offset_length=48),
+                  "ept": EPTConfig(prompt_length=4, rank=2, offset_length=48, num_subspaces=2, subspace_rank=2)}[method]
     return build_model(backbone, method, config), tok
 
 
@@ -324,6 +324,11 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_models, tmp_path
         _run(tiny_models, tmp_path, callbacks=[crash])
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-000003"]
     assert not (tmp_path / "results.json").exists()
+    # as a checkpoint written when EPT's offset_length was called max_length holds it: the same settings
+    state_file = checkpoint_dirs(tmp_path)[0] / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["method_config"]["max_length"] = state["method_config"].pop("offset_length")
+    state_file.write_text(json.dumps(state))
     _run(tiny_models, tmp_path, resume=True)
     _assert_same_run(uninterrupted, tmp_path)
 
@@ -383,7 +388,7 @@ def test_transformers_trainer_changes_only_adapter_weights(tiny_models, tmp_path
     from eptkit.tasks.formatting import MODEL_INPUT_KEYS, Collator, encode
 
     backbone, tok = load_backbone(tiny_models["bert"], "classification", get_task("cb"))
-    prompted = get_prompted_model(backbone, EPTConfig(prompt_length=4, rank=2, max_length=48, subspace_rank=2))
+    prompted = get_prompted_model(backbone, EPTConfig(prompt_length=4, rank=2, offset_length=48, subspace_rank=2))
     rows = encode(synthetic_cb()["train"], "cb", tok, "classification", 48).to_list()
     collate = Collator(tok, "classification")
 

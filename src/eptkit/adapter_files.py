@@ -26,7 +26,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .backbones import backbone_facts, check_positions
-from .config import DePTConfig, PromptTuningConfig
+from .config import DePTConfig, PromptTuningConfig, saved_under_new_names
+from .embeddings import embedding_shape
 from .registry import config_classes
 from .files import atomic_save_safetensors, atomic_write_json, sha256_file
 from .task_types import PEFT_TASK_TYPES, detect_task_type
@@ -124,6 +125,7 @@ def read_adapter(directory, backbone: nn.Module) -> AdapterFiles:
     cls = config_classes().get(saved["method"]) if isinstance(saved["method"], str) else None
     if cls is None:
         raise AdapterError(f"{directory / CONFIG_NAME}: unknown method {saved['method']!r}")
+    saved = saved_under_new_names(saved)  # adapters saved when offset_length was called max_length
     fields = {f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved}
     # Adapters saved before text_positions existed put the text after the prompt.
     fields.setdefault("text_positions", "after_prompt")
@@ -140,10 +142,10 @@ def read_adapter(directory, backbone: nn.Module) -> AdapterFiles:
 
 
 def _check_folded(tensors: dict, config, backbone: nn.Module, where: Path) -> None:
-    hidden = backbone.get_input_embeddings().weight.shape[1]
+    hidden = embedding_shape(backbone.get_input_embeddings())[1]
     expected = {"prompt_embeddings": (config.prompt_length, hidden)}
     if isinstance(config, DePTConfig):
-        expected["offset"] = (config.max_length, hidden)
+        expected["offset"] = (config.offset_length, hidden)
     if "offset" in tensors and "offset" not in expected:
         raise AdapterError(f"{where}: a folded {config.method} adapter has no offset, but the file holds one")
     for name, shape in expected.items():
@@ -162,7 +164,7 @@ def _read_peft_prompt_tuning(directory: Path, saved: dict, backbone: nn.Module) 
     length = saved.get("num_virtual_tokens")
     if not isinstance(length, int) or length < 1:
         raise AdapterError(f"{where}: num_virtual_tokens missing or invalid")
-    hidden = backbone.get_input_embeddings().weight.shape[1]
+    hidden = embedding_shape(backbone.get_input_embeddings())[1]
     if saved.get("token_dim") not in (None, hidden):
         raise AdapterError(f"{where}: token_dim={saved['token_dim']} but this model's hidden size is {hidden}")
     state = read_safetensors(directory / WEIGHTS_NAME)
@@ -221,7 +223,7 @@ def _read_dept_checkpoint(directory: Path, saved: dict) -> AdapterFiles:
         config = DePTConfig(
             prompt_length=int(saved["num_virtual_tokens"]),
             rank=int(saved["r"]),
-            max_length=int(saved["max_length"]),
+            offset_length=int(saved["max_length"]),  # DePT's PromptTuningLoRAConfig calls it max_length
             alpha=float(saved.get("lora_alpha", 8)),
             pooling="backbone",  # DePT's own classifiers, like PEFT's, read the first virtual token
             text_positions="after_prompt",  # and put the text after the prompt

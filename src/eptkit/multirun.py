@@ -16,7 +16,8 @@ Equal to separate runs when the backbone draws no random numbers (no dropout): t
 initial values must be those of the separate runs (`eptkit.sweep` builds them so), and the data
 order of each run is a function of its seed alone. One process only (no DDP); runs may differ in
 method, hyper-parameters, learning rates, task and number of steps, but share the backbone (and,
-for classifiers, the number of labels), gradient_accumulation_steps and mixed_precision.
+for classifiers, the number of labels), gradient_accumulation_steps, mixed_precision and
+gradient_checkpointing (a switch of the one backbone).
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ class MultiTrainer:
         dirs = [str(r.config.output_dir) for r in runs]
         if len(set(dirs)) != len(dirs):
             raise ValueError("runs: each run needs its own output_dir")
-        for key in ("gradient_accumulation_steps", "mixed_precision"):
+        for key in ("gradient_accumulation_steps", "mixed_precision", "gradient_checkpointing"):
             if len({getattr(r.config, key) for r in runs}) > 1:
                 raise ValueError(f"{key}: runs trained in one process must share it")
         if runs[0].config.mixed_precision == "fp16":

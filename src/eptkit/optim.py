@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .config import TrainConfig
+from .embeddings import read_embeddings
 
 logger = logging.getLogger("eptkit")
 
@@ -21,9 +22,9 @@ EMBEDDING_SPACE_GROUPS = ("prompt", "low_rank")
 
 
 def embedding_rms(model) -> float:
-    """Root mean square of the backbone's input word embeddings: the scale of a word vector."""
-    weight = model.backbone.get_input_embeddings().weight.detach()
-    return float(weight.float().pow(2).mean().sqrt())
+    """Root mean square of the backbone's input word embeddings: the scale of a word vector (the whole
+    matrix's, also when it is sharded: `eptkit.embeddings`)."""
+    return read_embeddings(model.backbone.get_input_embeddings()).rms
 
 
 def group_lrs(model, config: TrainConfig) -> dict[str, float]:

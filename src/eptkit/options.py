@@ -6,7 +6,7 @@ key (`normalize`), and every on-by-default switch is accepted as `no-NAME: true`
 method's config fields, and the options a baseline declares. `resolve` merges defaults < recipe <
 command line, `build_configs` turns options into (method config, TrainConfig), `run_info` is what a run
 records of them (for `eptkit evaluate`), and `add_dataclass_arguments` turns a config dataclass into
-argparse options (train and serve). No torch or transformers import at module level: `eptkit --help`
+argparse options (train and serve: one helper, so flags are spelled and documented alike). No torch or transformers import at module level: `eptkit --help`
 reads this table.
 """
 
@@ -167,18 +167,19 @@ def build_configs(options: dict[str, Any]):
     if spec.is_prompt_method:
         cls = spec.config_class()
         names = {f.name for f in dataclasses.fields(cls)}
-        ignored = sorted(set(given) - names - {"max_length"})
+        ignored = sorted(set(given) - names)
         if ignored:
             raise UsageError(f"method {method!r} has no option(s) {', '.join(flag(n) for n in ignored)}")
-        method_config = cls(**{k: v for k, v in given.items() if k in names})
-        if "max_length" in names:
-            train_kwargs.setdefault("max_length", method_config.max_length)
+        kwargs = {k: v for k, v in given.items() if k in names}
+        if "offset_length" in names and "max_length" in options:  # DePT/EPT: the offset covers the text
+            kwargs.setdefault("offset_length", options["max_length"])  # length asked for, unless told
+        method_config = cls(**kwargs)
+        if "offset_length" in names:
+            train_kwargs["max_length"] = method_config.offset_length  # the longest text they read
     else:
-        ignored = [k for k in given if k not in set(spec.options) | {"max_length"}]
+        ignored = [k for k in given if k not in spec.options]
         if ignored:
             raise UsageError(f"method {method!r} takes no prompt option(s) {', '.join(flag(n) for n in ignored)}")
-    if "max_length" in options:
-        train_kwargs["max_length"] = options["max_length"]
     return method_config, TrainConfig(**train_kwargs)
 
 
@@ -237,15 +238,18 @@ def load_data(options: dict[str, Any], seed: int):
 def add_dataclass_arguments(group, fields, *, suppress: bool = False, defaults: Callable[[str], str] | None = None,
                             switch_off: str = "") -> None:
     """One option per dataclass field, its help from the field's metadata. A boolean that is on by
-    default becomes --no-NAME (switch_off prefixes its help), one that is off --NAME. suppress: an
-    unset option stays absent (so it does not override a recipe); defaults(name): the help's default."""
+    default becomes --no-NAME (switch_off prefixes its help, or the metadata's "flag_help" replaces it:
+    what the flag does, where the field's help says what the setting means), one that is off --NAME.
+    suppress: an unset option stays absent (so it does not override a recipe); defaults(name): the
+    help's default."""
     for f in fields:
         default = argparse.SUPPRESS if suppress else f.default
         text = f.metadata.get("help", "")
         if f.type in (bool, "bool"):
             on = f.default is True
             group.add_argument(flag("no_" + f.name) if on else flag(f.name), dest=f.name, action="store_const",
-                               const=not on, default=default, help=(switch_off if on else "") + text)
+                               const=not on, default=default,
+                               help=f.metadata.get("flag_help") or (switch_off if on else "") + text)
             continue
         kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
         shown = defaults(f.name) if defaults else ("" if "default" in text or f.default is None
@@ -256,10 +260,7 @@ def add_dataclass_arguments(group, fields, *, suppress: bool = False, defaults: 
 
 def add_method_arguments(group) -> None:
     """The method options of `train`: every prompt method's config fields, then the baselines' own."""
-    def defaults(name: str) -> str:  # the method's max_length is also the text length of PT and the baselines
-        return ("For PT and the baselines: the maximum text length. " if name == "max_length" else "") + default_text(name)
-
-    add_dataclass_arguments(group, list(method_fields().values()), suppress=True, defaults=defaults,
+    add_dataclass_arguments(group, list(method_fields().values()), suppress=True, defaults=default_text,
                             switch_off="Switch off: ")
     for name, (kind, default, text) in baseline_options().items():
         group.add_argument(flag(name), type=kind, default=argparse.SUPPRESS, help=f"{text} (default: {default})")

@@ -36,9 +36,11 @@ def cache_argument(backbone: nn.Module) -> str:
 
 
 def _checkpointing(backbone: nn.Module) -> bool:
+    """Whether a forward of `backbone` now runs checkpointed layers: switched on, in training mode, with
+    gradients (the condition transformers' layers check). Evaluation of a checkpointed run keeps the prefix."""
     name = "is_activation_checkpointing" if hasattr(type(backbone), "is_activation_checkpointing") else \
         "is_gradient_checkpointing"
-    return bool(getattr(backbone, name, False))
+    return bool(getattr(backbone, name, False)) and backbone.training and torch.is_grad_enabled()
 
 
 def has_active_dropout(backbone: nn.Module) -> bool:

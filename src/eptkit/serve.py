@@ -19,7 +19,8 @@ longer than its adapter's max_length (the server never truncates, unlike `eptkit
 adapter directory refused at load (corrupted, truncated, another backbone, a pickle: only safetensors
 and JSON are read).
 
-Batching: requests wait in one queue; the batcher takes the first, then whatever else arrives within
+Request batching (not batching.py's training order, nor forward.py's mixed batch itself): requests
+wait in one queue; the RequestBatcher takes the first, then whatever else arrives within
 batch_window_ms, up to max_batch_size rows, and runs them as one mixed batch on the worker thread (rows
 of similar length share a forward pass: `eptkit.batching.length_groups`).
 Loads and unloads go through the same queue, so a request accepted before an unload is still answered
@@ -127,7 +128,7 @@ class _Job:
         return len(self.rows) if self.rows is not None else 0
 
 
-class Batcher:
+class RequestBatcher:
     """The request queue and the loop that turns it into mixed batches on the one model thread."""
 
     def __init__(self, pool: AdapterPool, config: ServeConfig):
@@ -299,12 +300,12 @@ def build_app(pool: AdapterPool, config: ServeConfig):
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    batcher: Batcher | None = None
+    batcher: RequestBatcher | None = None
 
     @asynccontextmanager
     async def lifespan(app):
         nonlocal batcher
-        batcher = Batcher(pool, config)
+        batcher = RequestBatcher(pool, config)
         batcher.start()
         app.state.batcher = batcher
         yield
@@ -428,23 +429,15 @@ def add_arguments(parser) -> None:
     """`eptkit serve`'s options: --adapter NAME=DIR (repeated), then one option per ServeConfig field."""
     import dataclasses
 
+    from .options import add_dataclass_arguments
+
     parser.add_argument("--adapter", action="append", required=True, metavar="NAME=DIR",
                         help="An adapter to serve under NAME (output dir of `eptkit train`, or an adapter dir); "
                              "repeat for more.")
     parser.add_argument("--task", action="append", default=[], metavar="NAME=TASK",
                         help="The task of adapter NAME, for an adapter that does not record one (saved with "
                              "save_pretrained from Python); repeat for more. POST /adapters takes a \"task\" field.")
-    for f in dataclasses.fields(ServeConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            flag = flag if not f.default else "--no-" + flag[2:]
-            parser.add_argument(flag, dest=f.name, action="store_const", const=not f.default, default=f.default,
-                                help=f.metadata.get("flag_help", f.metadata["help"]))
-            continue
-        kind = {"int": int, "float": float}.get(str(f.type), str)
-        given = "default" in f.metadata["help"] or f.default is None  # the help says it already
-        parser.add_argument(flag, type=kind, default=f.default,
-                            help=f.metadata["help"] + ("" if given else f" (default: {f.default})"))
+    add_dataclass_arguments(parser, dataclasses.fields(ServeConfig))  # the helper train uses (eptkit.options)
 
 
 def run_command(args) -> int:

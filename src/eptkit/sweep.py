@@ -47,7 +47,7 @@ def expand_runs(options: dict[str, Any]) -> list[tuple[str, dict]]:
     seeds = parse_seeds(options["seeds"]) if options.get("seeds") is not None else [None]
     runs = []
     classes = config_classes()
-    prompt_options = set(method_fields()) - {"max_length"}
+    prompt_options = set(method_fields())
     for name, overrides in entries:
         method = overrides.get("method", base.get("method", "ept"))
         own = {f.name for f in dataclasses.fields(classes[method])} if method in classes else set()

@@ -44,6 +44,7 @@ from .batching import BatchPlan, encode_splits, text_max_length
 from .checkpoint import RunState, load_checkpoint, rng_state, save_checkpoint
 from .config import TrainConfig
 from .evaluation import evaluate_rows, main_metric
+from .embeddings import whole_parameters
 from .files import atomic_write_json
 from .reporting import Report, peak_memory_mb, run_results
 from .sharding import check_sharding, full_state, is_sharded, no_sync, plain, shard_model, state_view
@@ -51,7 +52,7 @@ from .optim import group_lrs, make_optimizer, make_scheduler, standardize_regres
 from .run_files import LOG_NAME, RESULTS_NAME, prepare_output_dir, trim_log
 from .tasks.formatting import MODEL_INPUT_KEYS, Collator
 from .tasks.registry import get_task
-from .trainable import TrainableModel
+from .trainable import TrainableModel, set_gradient_checkpointing
 
 logger = logging.getLogger("eptkit")
 
@@ -70,6 +71,7 @@ def _describe_run(spec, model, config: TrainConfig, extra: dict | None) -> dict:
         # `eptkit evaluate` scores the same seeded subset of the test split as the run by default
         "seed": config.seed,
         "max_eval_samples": config.max_eval_samples,
+        "gradient_checkpointing": config.gradient_checkpointing,
         **(extra or {}),
     }
 
@@ -109,6 +111,7 @@ class Trainer:
         self.run_info = _describe_run(self.spec, model, config, run_info)
         self.loss_scale = _regression_loss_scale(self.spec, model.task_type, self.own_modules(model), config,
                                                  self.encoded["train"])
+        set_gradient_checkpointing(model, config.gradient_checkpointing)  # acts in training mode only
         lrs = group_lrs(model, config)
         self.run_info["lr_absolute"] = {k: float(f"{v:.4g}") for k, v in lrs.items()}
         self.model, self.optimizer, self.scheduler = _prepare(model, config, lrs, acc)
@@ -131,14 +134,18 @@ class Trainer:
         return self.accelerator.unwrap_model(self.model)
 
     def _cpu_state(self) -> dict[str, torch.Tensor]:
-        """The trainable tensors, whole (gathered from the shards: every process must call it when sharded)."""
-        return {k: v.detach().cpu().clone() for k, v in full_state(self.unwrapped).items()}
+        """The trainable tensors, whole: gathered from FSDP's shards or ZeRO-3's partitions (every process
+        must call it when sharded or partitioned)."""
+        with whole_parameters(self.unwrapped):
+            return {k: v.detach().cpu().clone() for k, v in full_state(self.unwrapped).items()}
 
     def _save_model(self, state: dict[str, torch.Tensor] | None) -> None:
-        """The model's own files in output_dir, from the main process; sharded, of `state` (whole tensors)."""
-        if self.is_main:
-            with state_view(self.unwrapped, state) if self.sharded else contextlib.nullcontext():
-                self.unwrapped.save_pretrained(self.output_dir)
+        """The model's own files in output_dir, from the main process; sharded, of `state` (whole tensors).
+        Every process calls it (under ZeRO-3 the gather is collective)."""
+        with whole_parameters(self.unwrapped):
+            if self.is_main:
+                with state_view(self.unwrapped, state) if self.sharded else contextlib.nullcontext():
+                    self.unwrapped.save_pretrained(self.output_dir)
 
     def checkpoint_meta(self) -> dict:
         config = self.unwrapped.method_config
@@ -148,8 +155,9 @@ class Trainer:
     # -------------------------------------------------------------- checkpoints
     def save_checkpoint(self, rng: dict | None = None) -> Path:
         """checkpoints/step-N/, complete or absent (`eptkit.checkpoint.save_checkpoint`)."""
+        trainable = self._cpu_state()  # on every process: under ZeRO-3 reading it is a collective gather
         return save_checkpoint(self.output_dir, self.state, accelerator=self.accelerator,
-                               trainable=self._cpu_state() if self.is_main or self.sharded else None,
+                               trainable=trainable if self.is_main or self.sharded else None,
                                best=self.best_state, optimizer=self.optimizer, scheduler=self.scheduler, rng=rng,
                                meta=self.checkpoint_meta(), keep=self.config.save_total_limit, sharded=self.sharded)
 
@@ -327,7 +335,8 @@ class Trainer:
         """Restore and save the best adapter, score it on the test split, write results.json."""
         acc, s, model = self.accelerator, self.state, self.unwrapped
         if self.best_state is not None:
-            model.load_adapter_state_dict({k: v.to(acc.device) for k, v in self.best_state.items()})
+            with whole_parameters(model, modify=True):  # ZeRO-3: rank 0's values are scattered back
+                model.load_adapter_state_dict({k: v.to(acc.device) for k, v in self.best_state.items()})
         self._save_model(self.best_state if self.best_state is not None or not self.sharded else self._cpu_state())
         acc.wait_for_everyone()
         test_metrics = None
@@ -378,6 +387,7 @@ def _prepare(model, config: TrainConfig, lrs: dict, acc):
         shard_model(model, acc.device, acc.num_processes)
     optimizer = make_optimizer(model, config, lrs)
     scheduler = make_scheduler(optimizer, config)
+    _tell_deepspeed(acc, config)
     if ours:
         return model, acc.prepare(optimizer), scheduler
     return *acc.prepare(model, optimizer), scheduler
@@ -393,6 +403,14 @@ def _accelerator(config: TrainConfig):
         raise ValueError("mixed_precision: 'fp16' needs a GPU (on a CPU it would run unscaled fp32 autocast "
                          "under an fp16 name); use 'bf16' or 'no'")
     return Accelerator(mixed_precision=config.mixed_precision, cpu=cpu)
+
+
+def _tell_deepspeed(accelerator, config: TrainConfig) -> None:
+    """Under DeepSpeed (recipes/accelerate/zero3.yaml) the engine needs the micro-batch size, which accelerate
+    reads from a dataloader, and eptkit batches without one (`eptkit.batching`)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and plugin.deepspeed_config.get("train_micro_batch_size_per_gpu") in (None, "auto"):
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.batch_size
 
 
 def _anywhere(flag: bool, accelerator) -> bool:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .config import PromptTuningConfig
+from .embeddings import global_numel
 
 
 @runtime_checkable
@@ -73,9 +74,10 @@ class AdapterStateMixin:
     def num_parameters(self, trainable_only: bool = True, exclude_embeddings: bool = False) -> int:
         """Trainable parameters, or with trainable_only=False every parameter including the backbone.
         `exclude_embeddings` (asked by transformers.Trainer) leaves out the frozen word embeddings."""
+        # global_numel: a sharded parameter counts whole (ZeRO-3 leaves a shape-[0] placeholder).
         if trainable_only:
-            return sum(p.numel() for ps in self.param_groups().values() for p in ps)
-        total = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+            return sum(global_numel(p) for ps in self.param_groups().values() for p in ps)
+        total = sum(global_numel(p) for p in {id(p): p for p in self.parameters()}.values())
         if exclude_embeddings:
             total -= self._frozen_embedding_count()
         return total
@@ -112,3 +114,36 @@ class AdapterStateMixin:
         with torch.no_grad():
             for name, target in expected.items():
                 copy_into(target, state[name])
+
+
+def set_gradient_checkpointing(model: TrainableModel, enabled: bool) -> None:
+    """Switch activation checkpointing of `model`'s backbone on or off (`TrainConfig.gradient_checkpointing`;
+    the training loops call this, `eptkit.train` and `eptkit.multirun` alike).
+
+    transformers' own mechanism, so every architecture that supports it works: each layer's forward runs
+    under `torch.utils.checkpoint` and is recomputed in the backward pass. It acts only while the layer is
+    in training mode with gradients on, so evaluation (model.eval()) and serving are unaffected even with
+    the switch on. Non-reentrant (use_reentrant=False): the reentrant form gives gradients only through
+    inputs that require one, so with a frozen backbone whose trainable weights sit inside the layers (LoRA)
+    it would need PEFT's `enable_input_require_grads` hook, and only positional inputs carry gradients;
+    the non-reentrant form has neither limit. Both preserve the RNG state, so dropout masks match too.
+    """
+    backbone = model.backbone
+    base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone  # a PEFT model
+    if not enabled:
+        if any(getattr(m, "gradient_checkpointing", False) for m in base.modules()):
+            disable = getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
+            disable()
+        return
+    if model.method_name == "prefix":
+        # PEFT hands prefix tuning's keys and values to the backbone as a cache, and a checkpointed
+        # layer drops its cache (transformers cannot replay a cache update): the prefix would vanish.
+        raise ValueError("gradient_checkpointing: PEFT's prefix tuning passes its prefix as a key/value cache, "
+                         "which checkpointed layers drop; train prefix tuning without it")
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ValueError(f"gradient_checkpointing: {type(base).__name__} does not support activation checkpointing")
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.24 (the older name warns)
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

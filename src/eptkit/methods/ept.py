@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import EPTConfig
+from ..embeddings import embedding_shape
 from .dept import DePT
 
 
@@ -73,7 +74,7 @@ class MultiSpaceProjection(nn.Module):
 class EPT(DePT):
     def __init__(self, config: EPTConfig, word_embeddings: nn.Embedding, init_token_ids=None):
         super().__init__(config, word_embeddings, init_token_ids)
-        d = word_embeddings.weight.shape[1]
+        d = embedding_shape(word_embeddings)[1]
         self.fusion = PromptFusion(d, config.fusion_rank) if config.fusion else None
         self.projection = (
             MultiSpaceProjection(d, config.num_subspaces, config.subspace_rank, config.module_init)

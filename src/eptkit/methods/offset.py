@@ -18,8 +18,8 @@ def add_offset(embeds, attention_mask, offset, offset_mask=None):
         row = int(too_long.any(dim=1).nonzero()[0])
         length = int(real[row].sum())
         raise ValueError(
-            f"input row {row} has {length} tokens, more than max_length={offset.shape[0]} that this "
-            "adapter's offset covers; truncate the text or use an adapter with a larger max_length"
+            f"input row {row} has {length} tokens, more than offset_length={offset.shape[0]} that this "
+            "adapter's offset covers; truncate the text or use an adapter with a larger offset_length"
         )
     # F.embedding, not offset[positions]: the backward of advanced indexing is index_put_ with
     # accumulate=True, which on CPU adds rows with parallel atomic float adds (the sum's order, and so
