@@ -134,18 +134,9 @@ class Trainer:
         return self.accelerator.unwrap_model(self.model)
 
     def _cpu_state(self) -> dict[str, torch.Tensor]:
-        """The trainable tensors, whole: gathered from FSDP's shards or ZeRO-3's partitions (every process
-        must call it when sharded or partitioned)."""
+        """The trainable tensors, whole (FSDP's shards or ZeRO-3's partitions gathered: every process calls it)."""
         with whole_parameters(self.unwrapped):
             return {k: v.detach().cpu().clone() for k, v in full_state(self.unwrapped).items()}
-
-    def _save_model(self, state: dict[str, torch.Tensor] | None) -> None:
-        """The model's own files in output_dir, from the main process; sharded, of `state` (whole tensors).
-        Every process calls it (under ZeRO-3 the gather is collective)."""
-        with whole_parameters(self.unwrapped):
-            if self.is_main:
-                with state_view(self.unwrapped, state) if self.sharded else contextlib.nullcontext():
-                    self.unwrapped.save_pretrained(self.output_dir)
 
     def checkpoint_meta(self) -> dict:
         config = self.unwrapped.method_config
@@ -181,7 +172,7 @@ class Trainer:
             s.best_metric, s.best_step, s.best_metrics = value, s.step, metrics
             self.best_state = self._cpu_state()
             s.bad_evals = 0
-            self._save_model(self.best_state)
+            _save_model(self, self.best_state)
             return True
         s.bad_evals += 1
         return False
@@ -337,7 +328,7 @@ class Trainer:
         if self.best_state is not None:
             with whole_parameters(model, modify=True):  # ZeRO-3: rank 0's values are scattered back
                 model.load_adapter_state_dict({k: v.to(acc.device) for k, v in self.best_state.items()})
-        self._save_model(self.best_state if self.best_state is not None or not self.sharded else self._cpu_state())
+        _save_model(self, self.best_state if self.best_state is not None or not self.sharded else self._cpu_state())
         acc.wait_for_everyone()
         test_metrics = None
         if len(self.encoded.get("test", [])) > 0:
@@ -376,6 +367,16 @@ class InterruptFlag:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
         return False
+
+
+def _save_model(trainer: Trainer, state: dict[str, torch.Tensor] | None) -> None:
+    """The model's own files in output_dir, from the main process; sharded, of `state` (whole tensors).
+    Every process calls it (under ZeRO-3 the gather is collective)."""
+    model = trainer.unwrapped
+    with whole_parameters(model):
+        if trainer.is_main:
+            with state_view(model, state) if trainer.sharded else contextlib.nullcontext():
+                model.save_pretrained(trainer.output_dir)
 
 
 def _prepare(model, config: TrainConfig, lrs: dict, acc):
