@@ -330,8 +330,10 @@ def to_markdown(res: dict[str, Any]) -> str:
     lines += ["", "Parameters: bytes of the parameter tensors a process holds at rest (FSDP: its shards). "
               "Activations: distinct storages saved for backward in one training forward plus the inputs of "
               "each transformer block (what a checkpointed block keeps), parameters excluded. Peak RSS "
-              "(steps): VmHWM reset after the model is built; (incl. build): ru_maxrss, which includes each "
-              "process building the whole backbone before FSDP shards it. Step: the slowest process's "
+              "(steps): VmHWM reset after the model is built, which restarts it from the resident size at that "
+              "moment; on a CPU that still holds the pages the allocator kept from building the whole backbone "
+              "(every process builds it before FSDP shards it, as `eptkit train --fsdp` does), so the two RSS "
+              "columns are close. (incl. build): ru_maxrss. Step: the slowest process's "
               "forward + backward + AdamW, median.", ""]
     return "\n".join(lines)
 
