@@ -37,6 +37,7 @@
 #   SPEED=0                  skip the speed benchmarks; DECODER=0 skips the decoder-only one
 #   ACCURACY=0               skip the accuracy suite even with DATA_DIR
 #   FSDP=0                   skip the sharded-training smoke run (accelerate FSDP2 over every GPU)
+#   MEMORY=0                 skip the memory benchmark (benchmarks/memory.py; DDP/FSDP x 2 need 2 GPUs)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -109,6 +110,14 @@ PYEOF
         --mixed-precision bf16 --overwrite --output-dir "$FS/run" 2>&1 | tee "$FS/train.log" \
         && HF_HUB_OFFLINE=1 "$PY" -m eptkit.cli evaluate --adapter "$FS/run" --split validation \
         || echo "FSDP smoke run FAILED (see $FS/train.log)" >&2
+fi
+if [ "${MEMORY:-1}" != 0 ]; then
+    # Memory of sharded and checkpointed training (issue 23): the CPU script unchanged (nccl, one GPU per
+    # process); with one GPU only the 1-process rows run (torchrun cannot place 2 processes on 2 GPUs).
+    NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+    LAYOUTS=single; [ "$NGPU" -ge 2 ] && LAYOUTS=single,ddp,fsdp
+    HF_HUB_OFFLINE=1 "$PY" benchmarks/memory.py --layouts "$LAYOUTS" --steps 5 --out-dir "$OUT_DIR" \
+        2> >(tee "$OUT_DIR/memory_cuda.log" >&2) || echo "memory benchmark FAILED (see $OUT_DIR/memory_cuda.log)" >&2
 fi
 if [ -n "${DATA_DIR:-}" ] && [ "${ACCURACY:-1}" != 0 ] && ! "$PY" -c "import datasets" 2>/dev/null; then
     echo "accuracy suite skipped: the datasets package (with pyarrow) is not importable here" >&2
