@@ -306,7 +306,8 @@ def _f(x, digits=1):
 def to_markdown(res: dict[str, Any]) -> str:
     s = res["setting"]
     cuda = any(r["cuda_peak_mib"] is not None for r in res["rows"])
-    lines = [f"# Memory: sharded and checkpointed training, Llama-shaped `{s['shape']}` on {res['device']}", "",
+    lines = [f"# Memory: sharded and checkpointed training, Llama-shaped `{s['shape']}` "
+             f"with {s['backbone']['num_hidden_layers']} blocks on {res['device']}", "",
              f"Backbone: LlamaForSequenceClassification, random weights, {s['backbone']}; "
              f"{s['backbone_params'] / 1e9:.3f} B parameters, fp32. PT l = {s['pt_length']}; EPT m = "
              f"{s['short_length']}, r = {s['rank']}, offset_length = s. s = {s['seq_length']} text tokens, "
