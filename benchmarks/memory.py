@@ -47,6 +47,8 @@ from typing import Any, Sequence
 
 import torch
 
+import timing  # sibling script: its folder is on the path when a script of benchmarks/ runs
+
 HERE = Path(__file__).resolve().parent
 SCHEMA = "eptkit-bench-memory/1"
 # Llama-shaped classifiers: (hidden, blocks, heads, key/value heads (GQA), MLP width, vocabulary).
@@ -397,13 +399,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                            text=True).stdout.strip()
     except OSError:
         pass
-    sys.path.insert(0, str(HERE))
-    from timing import write_text
-
     name = a.name or ("memory_cuda" if torch.cuda.is_available() else "memory_cpu")
-    write_text(a.out_dir / f"{name}.json", json.dumps(res, indent=1) + "\n")
-    write_text(a.out_dir / f"{name}.csv", to_csv(res["rows"]))
-    write_text(a.out_dir / f"{name}.md", to_markdown(res))
+    timing.write_text(a.out_dir / f"{name}.json", json.dumps(res, indent=1) + "\n")
+    timing.write_text(a.out_dir / f"{name}.csv", to_csv(res["rows"]))
+    timing.write_text(a.out_dir / f"{name}.md", to_markdown(res))
     print(to_markdown(res))
     return 0
 
