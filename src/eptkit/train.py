@@ -322,7 +322,8 @@ class Trainer:
         acc, s, model = self.accelerator, self.state, self.unwrapped
         if self.best_state is not None:
             load_whole(model, self.best_state, acc.device)
-        save_whole(model, self.output_dir, self.best_state or cpu_state(model), is_main=self.is_main)
+        whole = self.best_state if self.best_state is not None or not self.sharded else cpu_state(model)
+        save_whole(model, self.output_dir, whole, is_main=self.is_main)  # unsharded: the model's own tensors
         acc.wait_for_everyone()
         test_metrics = None
         if len(self.encoded.get("test", [])) > 0:
