@@ -4,6 +4,8 @@ seeds at that budget to tell EPT from DePT and PT.
     python benchmarks/plateau.py run --phase pilot      # seed 0, long budget: PT, DePT, EPT, LoRA on STS-B, SST-2
     python benchmarks/plateau.py run --phase paired --steps B   # EPT, DePT at seeds 0-4; PT, LoRA at 0-2
     python benchmarks/plateau.py run --phase ablation --steps B # no fusion / no projection (3 seeds), 1/2/8 subspaces
+    python benchmarks/plateau.py run --phase schedule --tasks sst2 --steps B  # linear decay to B against constant
+    python benchmarks/plateau.py run --phase readings --steps B  # EPT's alternative readings (3 seeds)
     python benchmarks/plateau.py run --phase all --tasks rte,mrpc,cb,cola,stsb,wic,sst2 --steps 2000  # GPU
     python benchmarks/plateau.py collect                # CSVs from the run folders (also partly trained ones)
     python benchmarks/plateau.py report                 # plateau.md, plateau_curves.png, plateau_vs_time.png
@@ -48,6 +50,23 @@ PHASES = {
     "pilot": [(("ept", "dept", "pt", "lora"), (0,))],
     "paired": [(("ept", "dept"), (0, 1, 2, 3, 4)), (("pt", "lora"), (0, 1, 2))],
     "ablation": [(("ept_no_fusion", "ept_no_projection"), (0, 1, 2)), (("ept_n1", "ept_n2", "ept_n8"), (0,))],
+    "schedule": [(("ept_linear", "dept_linear"), (0,))],
+    "readings": [(("ept_qk", "ept_random", "ept_slow"), (0, 1, 2))],
+}
+GPU_PHASES = ("pilot", "paired", "ablation")  # `--phase all`; the schedule check and the readings run on their own
+# The study's own variants: (base method, options changed from the base method's command); rates are the base's.
+VARIANTS = {
+    # The schedule check: linear decay to zero over exactly --steps (its prefixes are no shorter runs, so
+    # only its last budget counts), against the constant rate whose prefixes give every budget.
+    "ept_linear": ("ept", {"--lr-schedule": "linear"}),
+    "dept_linear": ("dept", {"--lr-schedule": "linear"}),
+    # Three alternative readings of what the EPT paper leaves open (docs/method.md, "EPT"), tried because
+    # EPT did not beat DePT: learned query/key maps in the fusion's attention scores; every subspace active
+    # from the first step; the modules at an eighth of their default rate (0.001 against 0.008, absolute:
+    # the projection adds 36-217 % of the prompt's norm at the default, RESULTS.md "EPT's modules").
+    "ept_qk": ("ept", {"--fusion-rank": "8"}),
+    "ept_random": ("ept", {"--module-init": "random"}),
+    "ept_slow": ("ept", {"--lr-ept": "0.001"}),
 }
 RUN_COLUMNS = ("task", "method", "seed", "steps", "batch_size", "eval_steps", "validation", "test", "best_step",
                "train_seconds", "wall_seconds", "finished", "command")
@@ -59,15 +78,27 @@ def run_name(task, method, seed, opts) -> str:
     return f"{task}-{method}-s{seed}-b{opts.batch_size}e{opts.eval_steps}"
 
 
+def base_of(method: str) -> str:
+    """The method whose selected rates a run uses (EPT's ablations and every variant take their base's)."""
+    return VARIANTS[method][0] if method in VARIANTS else base_method(method)
+
+
 def command_for(task, method, seed, steps, opts, rates: dict) -> list[str]:
     out_dir = os.path.relpath(opts.runs_dir / run_name(task, method, seed, opts), ROOT)
     data_dir = os.path.relpath(opts.data_dir, ROOT)
     rate_words = [x for k, v in sorted(rates.items()) for x in (k, f"{v:g}" if isinstance(v, float) else str(v))]
-    return ["eptkit", "train", "--task", task, "--data-dir", data_dir, "--output-dir", out_dir, "--seed", str(seed),
-            "--max-steps", str(steps), "--eval-steps", str(opts.eval_steps), "--batch-size", str(opts.batch_size),
-            "--max-length", "128", "--save-steps", "0", "--early-stopping-patience", "0",
-            "--lr-schedule", "constant", "--warmup-steps", str(WARMUP_STEPS), "--test-at-best",
-            *METHOD_ARGS[method], *rate_words]
+    base, changes = VARIANTS.get(method, (method, {}))
+    words = ["eptkit", "train", "--task", task, "--data-dir", data_dir, "--output-dir", out_dir, "--seed", str(seed),
+             "--max-steps", str(steps), "--eval-steps", str(opts.eval_steps), "--batch-size", str(opts.batch_size),
+             "--max-length", "128", "--save-steps", "0", "--early-stopping-patience", "0",
+             "--lr-schedule", "constant", "--warmup-steps", str(WARMUP_STEPS), "--test-at-best",
+             *METHOD_ARGS[base], *rate_words]
+    for flag, value in changes.items():
+        if flag in words:
+            words[words.index(flag) + 1] = value  # one value per option in the recorded command
+        else:
+            words += [flag, value]
+    return words
 
 
 def _with_steps(command: str, steps: int) -> str:
@@ -166,7 +197,7 @@ def cells_for(phase: str, opts) -> list[tuple]:
             if int(r["steps"]) >= opts.steps and r["eval_steps"] == str(opts.eval_steps)
             and r["batch_size"] == str(opts.batch_size)}
     cells = []
-    for methods, seeds in (PHASES[phase] if phase != "all" else [x for p in PHASES.values() for x in p]):
+    for methods, seeds in (PHASES[phase] if phase != "all" else [x for p in GPU_PHASES for x in PHASES[p]]):
         for seed in opts.seeds or seeds:
             for task in opts.tasks:
                 for method in opts.methods or methods:
@@ -178,7 +209,7 @@ def cells_for(phase: str, opts) -> list[tuple]:
 def run_cell(task, method, seed, opts, rates) -> None:
     from eptkit.tasks.registry import get_task
 
-    cmd = command_for(task, method, seed, opts.steps, opts, rates[base_method(method)])
+    cmd = command_for(task, method, seed, opts.steps, opts, rates[base_of(method)])
     run_dir = ROOT / cmd[cmd.index("--output-dir") + 1]
     meta = {"task": task, "method": method, "seed": seed, "batch_size": opts.batch_size,
             "eval_steps": opts.eval_steps, "metric": get_task(task).main_metric,
@@ -221,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=("run", "collect", "report"))
     parser.add_argument("--phase", choices=(*PHASES, "all"), default="pilot",
-                        help="'all': every phase's runs at --steps (the GPU study: every budget is read off them).")
+                        help="'all': the pilot's, paired and ablation runs at --steps (the GPU study: every budget is read off "
+                             "them). 'schedule' trains linear decay to exactly --steps; 'readings' EPT's alternatives.")
     parser.add_argument("--steps", type=int, default=800, help="Steps per run (the longest budget read off it).")
     parser.add_argument("--eval-steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=16)

@@ -14,7 +14,10 @@ TASKS = ("stsb", "sst2")  # the two tasks where LoRA beats the linear probe by 3
 # up to B is less than PLATEAU_GAIN points above the same mean at 0.75 B (the last quarter adds < 0.5).
 PLATEAU_GAIN = 0.5
 PAIRS = (("ept", "dept"), ("ept", "pt"), ("ept", "ept_no_fusion"), ("ept", "ept_no_projection"),
-         ("ept", "ept_n1"), ("ept", "ept_n2"), ("ept", "ept_n8"))
+         ("ept", "ept_n1"), ("ept", "ept_n2"), ("ept", "ept_n8"),
+         ("ept", "ept_linear"), ("dept", "dept_linear"),  # constant rate minus linear decay, same budget
+         ("ept_qk", "ept"), ("ept_random", "ept"), ("ept_slow", "ept"),  # each alternative reading minus ours
+         ("ept_qk", "dept"), ("ept_random", "dept"), ("ept_slow", "dept"))
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -53,7 +56,8 @@ def at_budget(curve: list[dict], budget: int) -> dict | None:
 
 
 def _method_order(method: str) -> tuple[int, str]:
-    order = ("pt", "dept", "ept", "lora", "ept_no_fusion", "ept_no_projection", "ept_n1", "ept_n2", "ept_n8")
+    order = ("pt", "dept", "ept", "lora", "ept_no_fusion", "ept_no_projection", "ept_n1", "ept_n2", "ept_n8",
+             "ept_linear", "dept_linear", "ept_qk", "ept_random", "ept_slow")
     return (order.index(method) if method in order else len(order), method)
 
 

@@ -92,6 +92,29 @@ def test_commands_parse_as_eptkit_train_with_a_constant_schedule(tmp_path):
         assert args.lr_schedule == "constant" and args.test_at_best and args.seed == 3 and args.max_steps == 800
 
 
+def test_variants_change_only_their_own_option_and_keep_their_base_rates(tmp_path):
+    opts = _options(tmp_path)
+    rates = {"--lr": 0.08, "--lr-low-rank": 0.008}
+    ept = PLATEAU["command_for"]("sst2", "ept", 0, 400, opts, rates)
+    expected = {"ept_linear": ("lr_schedule", "linear"), "dept_linear": ("lr_schedule", "linear"),
+                "ept_qk": ("fusion_rank", 8), "ept_random": ("module_init", "random"), "ept_slow": ("lr_ept", 0.001)}
+    for method, (field, value) in expected.items():
+        cmd = PLATEAU["command_for"]("sst2", method, 0, 400, opts, rates)
+        assert cmd.count("--lr-schedule") == 1  # the recorded command names each option once
+        args, base = build_parser().parse_args(cmd[1:]), build_parser().parse_args(ept[1:])
+        assert getattr(args, field) == value and args.lr == 0.08 and args.lr_low_rank == 0.008
+        assert args.method == method.split("_")[0]
+        if args.method == "ept":  # everything else is EPT's command
+            given, ept_given = vars(args), vars(base)  # the parser keeps only the options a command names
+            changed = {k for k in given.keys() | ept_given.keys() if given.get(k) != ept_given.get(k)}
+            assert changed == {field, "output_dir"}
+    assert PLATEAU["base_of"]("dept_linear") == "dept" and PLATEAU["base_of"]("ept_no_fusion") == "ept"
+    # the GPU study's 'all' leaves the schedule check and the readings to their own calls
+    opts.tasks, opts.seeds, opts.methods, opts.steps = ["sst2"], None, None, 400
+    assert not {c[1] for c in PLATEAU["cells_for"]("all", opts)} & set(PLATEAU["VARIANTS"])
+    assert {c[1] for c in PLATEAU["cells_for"]("readings", opts)} == {"ept_qk", "ept_random", "ept_slow"}
+
+
 def test_collect_reads_finished_and_cut_short_runs(tmp_path):
     opts = _options(tmp_path)
     opts.results_dir.mkdir()
