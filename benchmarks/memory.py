@@ -47,7 +47,8 @@ from typing import Any, Sequence
 
 import torch
 
-import timing  # sibling script: its folder is on the path when a script of benchmarks/ runs
+import timing  # sibling scripts: their folder is on the path when a script of benchmarks/ runs
+from decoder_speed import SHAPES as DECODER_SHAPES
 
 HERE = Path(__file__).resolve().parent
 SCHEMA = "eptkit-bench-memory/1"
@@ -55,8 +56,7 @@ SCHEMA = "eptkit-bench-memory/1"
 SHAPES = {
     "llama-1536x16": dict(hidden_size=1536, num_hidden_layers=16, num_attention_heads=12, num_key_value_heads=4,
                           intermediate_size=4096, vocab_size=32000),
-    "small": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
-                  intermediate_size=1408, vocab_size=8000),
+    "small": DECODER_SHAPES["small"],  # the decoder speed benchmark's CPU shape
     "tiny": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=128, vocab_size=257),  # odd vocabulary: a row FSDP cannot split evenly
 }
