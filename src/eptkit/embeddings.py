@@ -81,6 +81,11 @@ def _zero3(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_shape") and hasattr(param, "ds_numel")
 
 
+def partitioned(module: nn.Module) -> bool:
+    """Some parameter of `module` is a ZeRO-3 partition: reading it whole is a collective."""
+    return any(_zero3(p) for p in module.parameters())
+
+
 def whole_copy(module: nn.Module) -> nn.Module:
     """A deep copy of `module` (a classifier head a new adapter trains) whose parameters are whole, plain
     tensors. A plain deepcopy of a sharded module copies shards that nothing manages: ZeRO-3's empty

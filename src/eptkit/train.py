@@ -43,6 +43,7 @@ import torch
 from .batching import BatchPlan, encode_splits, text_max_length
 from .checkpoint import RunState, load_checkpoint, rng_state, save_checkpoint
 from .config import TrainConfig
+from .embeddings import partitioned
 from .evaluation import evaluate_rows, main_metric
 from .files import atomic_write_json
 from .reporting import Report, peak_memory_mb, run_results
@@ -140,9 +141,12 @@ class Trainer:
     # -------------------------------------------------------------- checkpoints
     def save_checkpoint(self, rng: dict | None = None) -> Path:
         """checkpoints/step-N/, complete or absent (`eptkit.checkpoint.save_checkpoint`)."""
-        trainable = cpu_state(self.unwrapped)  # on every process: sharded, reading it is a collective
-        return save_checkpoint(self.output_dir, self.state, accelerator=self.accelerator,
-                               trainable=trainable if self.is_main or self.sharded else None,
+        # Sharded (FSDP) or partitioned (ZeRO-3) tensors are read whole by every process together; plain ones
+        # (one process, DDP) by the main process alone, which writes them: under DDP a fully fine-tuned
+        # model's copy on every other process would be memory spent for nothing.
+        collective = self.sharded or partitioned(self.unwrapped)
+        trainable = cpu_state(self.unwrapped) if self.is_main or collective else None
+        return save_checkpoint(self.output_dir, self.state, accelerator=self.accelerator, trainable=trainable,
                                best=self.best_state, optimizer=self.optimizer, scheduler=self.scheduler, rng=rng,
                                meta=self.checkpoint_meta(), keep=self.config.save_total_limit, sharded=self.sharded)
 
