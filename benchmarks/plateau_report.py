@@ -112,7 +112,7 @@ def analyse(points: list[dict], budgets: dict[str, int] | None = None) -> dict:
     """Per task: the budget (criterion or given), each method's runs at it, and the paired differences."""
     runs = curves_by_run(points)
     tasks = [t for t in TASKS if any(k[0] == t for k in runs)] + sorted({k[0] for k in runs} - set(TASKS))
-    out = {"tasks": {}, "pairs": {}}
+    out = {"tasks": {}}
     for task in tasks:
         methods = sorted({k[1] for k in runs if k[0] == task}, key=_method_order)
         curves = {m: mean_curve([c for k, c in runs.items() if k[:2] == (task, m)]) for m in methods}
@@ -124,22 +124,29 @@ def analyse(points: list[dict], budgets: dict[str, int] | None = None) -> dict:
         results = {m: {s: r for s, r in rs.items() if r is not None} for m, rs in results.items()}
         out["tasks"][task] = {"budget": budget, "gains": gains, "results": results, "curves": curves,
                               "runs": {m: [c for k, c in runs.items() if k[:2] == (task, m)] for m in methods}}
+    out["pairs"] = paired(out["tasks"], "test")
+    out["validation_pairs"] = paired(out["tasks"], "validation")  # what chooses between readings
+    return out
+
+
+def paired(tasks: dict, score: str) -> dict:
+    """Each pair's paired differences of `score` per task, and overall: the mean over the tasks per seed,
+    for the seeds that every task with this pair has."""
+    pairs = {}
     for a, b in PAIRS:
         per_task, per_seed = {}, {}
-        for task, t in out["tasks"].items():
+        for task, t in tasks.items():
             ra, rb = t["results"].get(a, {}), t["results"].get(b, {})
             seeds = sorted(set(ra) & set(rb))
             if seeds:
-                diffs = [ra[s]["test"] - rb[s]["test"] for s in seeds]
+                diffs = [ra[s][score] - rb[s][score] for s in seeds]
                 per_task[task] = (*paired_interval(diffs), len(diffs))
                 for s, d in zip(seeds, diffs):
                     per_seed.setdefault(s, {})[task] = d
         if per_task:
-            # overall: the mean over the tasks per seed, for seeds that every task with this pair has
             full = [statistics.mean(d.values()) for d in per_seed.values() if set(d) == set(per_task)]
-            overall = (*paired_interval(full), len(full)) if full else None
-            out["pairs"][(a, b)] = {"tasks": per_task, "overall": overall}
-    return out
+            pairs[(a, b)] = {"tasks": per_task, "overall": (*paired_interval(full), len(full)) if full else None}
+    return pairs
 
 
 # ---------------------------------------------------------------------------- report
@@ -175,15 +182,19 @@ def report(opts) -> str:
             lines.append(f"| {method} | {len(res)} | {_mean_sd(val)} | {_mean_sd(test)} | "
                          f"{'–' if gain is None else f'{gain:+.2f}'} | {statistics.mean(secs):.0f} |")
         lines.append("")
-    lines += ["### Paired differences at each task's budget (test, same seeds; mean ± 95% t half-width)", "",
-              "| pair | " + " | ".join(analysis["tasks"]) + " | overall (mean over tasks per seed) |",
-              "|---|" + "---:|" * (len(analysis["tasks"]) + 1)]
-    for (a, b), p in analysis["pairs"].items():
-        cells = [_fmt_interval(*p["tasks"][t]) if t in p["tasks"] else "–" for t in analysis["tasks"]]
-        cells.append(_fmt_interval(*p["overall"]) if p["overall"] else "–")
-        lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+    for title, pairs in (("### Paired differences at each task's budget (test, same seeds; mean ± 95% t half-width)",
+                          analysis["pairs"]),
+                         ("### The same on validation (what selects between EPT's readings; test never selects)",
+                          analysis["validation_pairs"])):
+        lines += [title, "", "| pair | " + " | ".join(analysis["tasks"]) + " | overall (mean over tasks per seed) |",
+                  "|---|" + "---:|" * (len(analysis["tasks"]) + 1)]
+        for (a, b), p in pairs.items():
+            cells = [_fmt_interval(*p["tasks"][t]) if t in p["tasks"] else "–" for t in analysis["tasks"]]
+            cells.append(_fmt_interval(*p["overall"]) if p["overall"] else "–")
+            lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+        lines.append("")
     walls = [float(r["wall_seconds"]) for r in rows if r.get("wall_seconds")]
-    lines += ["", f"CPU time: {len(rows)} runs, {sum(walls) / 3600:.2f} process-hours of wall time recorded "
+    lines += [f"CPU time: {len(rows)} runs, {sum(walls) / 3600:.2f} process-hours of wall time recorded "
                   f"({len(walls)} runs with a recorded wall time; 1 torch thread each)."]
     text = "\n".join(lines) + "\n"
     (opts.results_dir / f"{opts.name}.md").write_text(text)

@@ -69,14 +69,16 @@ def test_analysis_pairs_seeds_and_averages_tasks_per_seed():
                 values = [base + shift + seed, base + shift + seed + 1, base + shift + seed + 1]
                 for i, v in enumerate(values):
                     points.append({"task": task, "method": method, "seed": str(seed), "step": str(100 * (i + 1)),
-                                   "validation": str(v), "test": str(v - 1) if i < 2 else "",
+                                   "validation": str(v), "test": str(v - 1 - shift / 2) if i < 2 else "",
                                    "train_seconds": str(i)})
     out = REPORT["analyse"](points, {"stsb": 300, "sst2": 300})
-    pair = out["pairs"][("ept", "dept")]
-    assert pair["tasks"]["stsb"][0] == pytest.approx(2.0) and pair["tasks"]["stsb"][2] == 3
-    assert pair["overall"][0] == pytest.approx(2.0) and pair["overall"][1] == pytest.approx(0.0)
-    # the best validation step up to 300 is 200 (300 only ties it): its test, base + shift + seed + 1 - 1
-    assert out["tasks"]["sst2"]["results"]["ept"][1]["test"] == 80 + 2 + 1
+    pair = out["pairs"][("ept", "dept")]  # test: EPT's shift 2 less its half
+    assert pair["tasks"]["stsb"][0] == pytest.approx(1.0) and pair["tasks"]["stsb"][2] == 3
+    assert pair["overall"][0] == pytest.approx(1.0) and pair["overall"][1] == pytest.approx(0.0)
+    on_validation = out["validation_pairs"][("ept", "dept")]
+    assert on_validation["tasks"]["sst2"][0] == pytest.approx(2.0) and on_validation["overall"][0] == pytest.approx(2.0)
+    # the best validation step up to 300 is 200 (300 only ties it): its test, base + shift + seed + 1 - 1 - shift/2
+    assert out["tasks"]["sst2"]["results"]["ept"][1]["test"] == 80 + 2 + 1 + 1 - 1 - 1
 
 
 def _options(tmp_path):
