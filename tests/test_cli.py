@@ -290,13 +290,14 @@ def test_the_zero3_recipe_is_an_accelerate_deepspeed_config():
     assert ds["offload_param_device"] == ds["offload_optimizer_device"] == "none"
 
 
-@needs_data
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
-def test_zero3_with_accelerate_launch_trains_what_one_process_trains(tiny, tmp_path):
-    """DeepSpeed ZeRO-3 on the CPU (its CPU accelerator, gloo, one process) through `accelerate launch`, with
-    the recipe's settings but every parameter partitioned (persistence threshold 0: in a tiny model the prompt
-    and head would otherwise stay whole, as small tensors do): the word embeddings, prompt and head are
-    placeholders, and the saved adapter must still equal the one of a plain run."""
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="deepspeed is not installed")
+
+
+def _zero3_launch(tmp_path, num_processes: int, *args) -> list[str]:
+    """`accelerate launch` with the zero3 recipe's settings on the CPU (DeepSpeed's CPU accelerator, gloo;
+    run with ZERO3_ENV), but every parameter partitioned (persistence threshold 0: in a tiny model the
+    prompt and head would otherwise stay whole, as small tensors do) and fp32 (bf16 is for GPUs)."""
     import yaml
 
     recipe = yaml.safe_load(ZERO3_RECIPE.read_text())
@@ -307,20 +308,131 @@ def test_zero3_with_accelerate_launch_trains_what_one_process_trains(tiny, tmp_p
                               "offload_optimizer": {"device": ds["offload_optimizer_device"]}},
         "gradient_clipping": ds["gradient_clipping"], "gradient_accumulation_steps": 1,
         "train_micro_batch_size_per_gpu": "auto", "bf16": {"enabled": False}}))
-    recipe.update(deepspeed_config={"deepspeed_config_file": str(tmp_path / "ds.json"), "zero3_init_flag": True},
-                  num_processes=1)
-    recipe.pop("mixed_precision")  # the DeepSpeed file decides it (bf16 is for GPUs)
-    (tmp_path / "zero3.yaml").write_text(yaml.safe_dump(recipe))
+    recipe.update(deepspeed_config={"deepspeed_config_file": str(tmp_path / "ds.json"),
+                                    "zero3_init_flag": ds["zero3_init_flag"]}, num_processes=num_processes)
+    recipe.pop("mixed_precision")  # the DeepSpeed file decides it
+    config = tmp_path / f"zero3-{num_processes}.yaml"
+    config.write_text(yaml.safe_dump(recipe))
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+            "--main_process_port", "0", *map(str, args)]
+
+
+ZERO3_ENV = {**ENV, "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
+
+
+@needs_data
+@needs_deepspeed
+def test_zero3_with_accelerate_launch_trains_what_one_process_trains(tiny, tmp_path):
+    """DeepSpeed ZeRO-3 in one process through `accelerate launch`: the word embeddings, prompt and head
+    are placeholders, and the saved adapter must still equal the one of a plain run."""
     args = small_train_args(tiny["bert"], tmp_path / "zero3", "pt", steps=3) + ["--gradient-checkpointing"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "zero3.yaml"),
-           "--main_process_port", "0", "-m", "eptkit.cli", *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env={**ENV, "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"})
+    proc = subprocess.run(_zero3_launch(tmp_path, 1, "-m", "eptkit.cli", *args), capture_output=True, text=True,
+                          timeout=600, env=ZERO3_ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert main([str(a) for a in small_train_args(tiny["bert"], tmp_path / "plain", "pt", steps=3)]) == 0
     zero3 = load_file(str(tmp_path / "zero3" / "adapter_model.safetensors"))
     for name, tensor in load_file(str(tmp_path / "plain" / "adapter_model.safetensors")).items():
         torch.testing.assert_close(zero3[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+ZERO3_LAYOUT = r"""
+import json, sys
+from eptkit.backbones import load_backbone
+from eptkit.config import TrainConfig
+from eptkit.train import make_accelerator
+
+accelerator = make_accelerator(TrainConfig())  # what `eptkit train` does before it loads the backbone
+backbone, _ = load_backbone(sys.argv[1], "classification", num_labels=3)
+layout = {name: [list(p.shape), list(getattr(p, "ds_shape", [])), getattr(p, "ds_tensor", p).numel()]
+          for name, p in backbone.named_parameters()}
+print("RESULT " + json.dumps({"rank": accelerator.process_index, "n": accelerator.num_processes, "layout": layout}))
+"""
+
+
+@needs_deepspeed
+def test_zero3_loads_the_backbone_partitioned(tiny, tmp_path):
+    """zero3_init_flag: with the Accelerator made first, from_pretrained loads every weight as a ZeRO-3
+    partition, in both of 2 processes: a placeholder of no elements, the whole shape in ds_shape, half of
+    the elements (padded up) held locally. Nothing is ever whole in a process."""
+    import math
+
+    from eptkit.backbones import load_backbone
+
+    script = tmp_path / "layout.py"
+    script.write_text(ZERO3_LAYOUT)
+    proc = subprocess.run(_zero3_launch(tmp_path, 2, script, tiny["bert"]), capture_output=True, text=True,
+                          timeout=600, env=ZERO3_ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.loads(ln[len("RESULT "):]) for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert sorted((r["rank"], r["n"]) for r in reports) == [(0, 2), (1, 2)]
+    plain, _ = load_backbone(tiny["bert"], "classification", num_labels=3)  # loaded whole, in this process
+    for report in reports:
+        assert set(report["layout"]) == {name for name, _ in plain.named_parameters()}
+        for name, p in plain.named_parameters():
+            placeholder, whole, held = report["layout"][name]
+            assert placeholder == [0] and whole == list(p.shape), name
+            assert held == math.ceil(p.numel() / 2), name
+
+
+@pytest.fixture(scope="module")
+def zero3_two(tiny, tmp_path_factory):
+    """An uninterrupted 2-process ZeRO-3 run (PT, 4 steps, checkpoints at 2 and 4) on the tiny BERT without
+    dropout (each process draws its own dropout masks, so only then does it equal a one-process run)."""
+    if importlib.util.find_spec("deepspeed") is None or not (DATA / "superglue" / "CB" / "train.jsonl").is_file():
+        pytest.skip("needs deepspeed and the data folder")
+    root = tmp_path_factory.mktemp("zero3_two")
+    model = root / "bert"
+    shutil.copytree(tiny["bert"], model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "hidden_dropout_prob": 0.0,
+                                                    "attention_probs_dropout_prob": 0.0}))
+    args = small_train_args(str(model), root / "a", "pt", steps=4) + ["--gradient-checkpointing"]
+    proc = subprocess.run(_zero3_launch(root, 2, "-m", "eptkit.cli", *args), capture_output=True, text=True,
+                          timeout=600, env=ZERO3_ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"root": root, "model": str(model), "out": root / "a", "args": args, "stderr": proc.stderr}
+
+
+def test_zero3_two_processes_load_partitioned_and_train_what_one_process_trains(zero3_two, tmp_path):
+    """`eptkit train` under the zero3 recipe loads the backbone partitioned (it says so: half of the weights
+    in the main process), and 2 processes of 4 rows train the adapter of one process of 8."""
+    import re
+
+    said = re.search(r"partitioned over 2 processes \(DeepSpeed ZeRO-3\): this process holds ([\d,]+) of its "
+                     r"([\d,]+) weights", zero3_two["stderr"])
+    assert said, zero3_two["stderr"][-3000:]
+    held, total = (int(g.replace(",", "")) for g in said.groups())
+    assert total / 2 <= held <= total / 2 + 100  # each weight's half, padded up to whole elements
+    plain = small_train_args(zero3_two["model"], tmp_path / "plain", "pt", steps=4)
+    plain[plain.index("--batch-size") + 1] = "8"
+    assert main([str(a) for a in plain]) == 0
+    zero3 = load_file(str(zero3_two["out"] / "adapter_model.safetensors"))
+    for name, tensor in load_file(str(tmp_path / "plain" / "adapter_model.safetensors")).items():
+        torch.testing.assert_close(zero3[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_zero3_resume_ends_where_the_uninterrupted_run_ends(zero3_two, tmp_path):
+    """A 2-process ZeRO-3 run stopped after its step-2 checkpoint (the uninterrupted run's folder as it was
+    then) and resumed: every process reloads its part of the optimizer (moments and fp32 master weights,
+    optimizer-R.pt), so steps 3 and 4 are the uninterrupted run's."""
+    a, b = zero3_two["out"], tmp_path / "b"
+    shutil.copytree(a, b)
+    shutil.rmtree(b / "checkpoints" / "step-000004")
+    (b / "results.json").unlink()
+    args = zero3_two["args"]
+    args = [*args[:args.index("--output-dir") + 1], str(b), *args[args.index("--output-dir") + 2:], "--resume"]
+    proc = subprocess.run(_zero3_launch(tmp_path, 2, "-m", "eptkit.cli", *args), capture_output=True,
+                          text=True, timeout=600, env=ZERO3_ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr and "step-000002" in proc.stderr
+    assert {"optimizer-0.pt", "optimizer-1.pt"} <= {p.name for p in (a / "checkpoints" / "step-000002").iterdir()}
+    for name in ("checkpoints/step-000004/trainable.safetensors", "adapter_model.safetensors"):
+        ta, tb = (load_file(str(d / name)) for d in (a, b))
+        assert ta.keys() == tb.keys()
+        for key in ta:
+            torch.testing.assert_close(tb[key], ta[key], rtol=1e-6, atol=0, msg=f"{name} {key}")
+    losses = [[json.loads(ln)["loss"] for ln in (d / "log.jsonl").read_text().splitlines()] for d in (a, b)]
+    assert len(losses[1]) == 4 and losses[1] == pytest.approx(losses[0], rel=1e-6)
 
 
 @pytest.mark.parametrize("recipe", sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*/*.json")),

@@ -3,7 +3,8 @@
 checkpoints/step-NNNNNN/ holds
   trainable.safetensors   the trainable tensors now          best.safetensors   the best ones so far
   optimizer.pt            optimizer, scheduler (and fp16 grad-scaler) state, read back weights_only=True
-  optimizer-R.pt          instead, in a sharded run (`eptkit.sharding`): process R's shard of that state
+  optimizer-R.pt          instead, in a sharded run (FSDP, DeepSpeed ZeRO-3; `eptkit.sharding`): process R's
+                          part of that state
   rng-R.pt                the RNG states of process R (dropout differs per process)
   trainer_state.json      `RunState` (data position, best metric, timings), the configs and method
 A checkpoint is written into a temporary directory and renamed, so it exists completely or not at
@@ -26,7 +27,7 @@ from safetensors.torch import load_file
 
 from .config import TRAJECTORY_FIELDS, TrainConfig, saved_under_new_names
 from .files import atomic_save_safetensors, atomic_torch_save, atomic_write_json, fsync_dir
-from .sharding import local_optimizer_state, restore_optimizer_state
+from .sharding import load_local_optimizer_state, load_whole, local_optimizer_state
 
 CHECKPOINTS_DIR = "checkpoints"
 
@@ -108,7 +109,8 @@ def save_checkpoint(output_dir: Path, state: RunState, *, accelerator, trainable
 
     trainable, best: tensors (main process; best may be None). meta: what trainer_state.json records
     besides `state` (configs, method). keep: how many checkpoints to keep. sharded: the optimizer's state
-    is sharded (FSDP); each process writes its own shard (optimizer-R.pt), never gathered in one place.
+    is sharded (FSDP) or partitioned (ZeRO-3; `eptkit.sharding.per_process_optimizer`); each process
+    writes its own part (optimizer-R.pt), never gathered in one place.
     """
     acc = accelerator
     root = Path(output_dir) / CHECKPOINTS_DIR
@@ -194,14 +196,16 @@ def load_checkpoint(directory: Path, *, accelerator, config: TrainConfig, meta: 
         hint = ("; a run extends to more steps only with --lr-schedule constant and --warmup-steps N (or no "
                 "warm-up), under which the longer run is the same run continued" if "max_steps" in changed else "")
         raise ValueError(f"{directory}: cannot resume with different settings: {diffs}{hint}")
-    model.load_adapter_state_dict(load_file(str(directory / "trainable.safetensors")))
+    # Each process into its shard or ZeRO-3 partition (a collective there: every process loads).
+    load_whole(model, load_file(str(directory / "trainable.safetensors")), acc.device)
     best_path = directory / "best.safetensors"
     best = load_file(str(best_path)) if best_path.is_file() else None
-    own = directory / f"optimizer-{acc.process_index}.pt"  # a sharded run's (the config's fsdp matched)
+    own = directory / f"optimizer-{acc.process_index}.pt"  # a sharded run's (the same launch settings)
     opt = torch.load(own if own.is_file() else directory / "optimizer.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(opt["optimizer"])
-    if own.is_file():
-        restore_optimizer_state(optimizer)
+    if own.is_file():  # after the weights: ZeRO-3's load sets them again, from the fp32 master weights it restores
+        load_local_optimizer_state(optimizer, opt["optimizer"])
+    else:
+        optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
     if "scaler" in opt and getattr(acc, "scaler", None) is not None:
         acc.scaler.load_state_dict(opt["scaler"])

@@ -97,9 +97,10 @@ def train_command(args: argparse.Namespace) -> int:
 
     from .backbones import check_prompt_fits, load_backbone, resolve_model_path
     from .baselines import build_model
+    from .embeddings import partition_share, partitioned
     from .files import round_floats
     from .task_types import checkpoint_task_type
-    from .train import train
+    from .train import make_accelerator, train
 
     options = resolve_train_options(args)
     if options.get("fsdp") and (options.get("seeds") is not None or options.get("sweep")):
@@ -118,9 +119,14 @@ def train_command(args: argparse.Namespace) -> int:
     model_path = resolve_model_path(options.get("model"))
     data, spec = load_data(options, train_config.seed)
     task_type = checkpoint_task_type(model_path, options.get("task_type") or "auto")
+    accelerator = make_accelerator(train_config)  # before the backbone: ZeRO-3 then loads it partitioned
     set_seed(train_config.seed)
     say(f"loading the backbone ({model_path if options.get('model') else 'the bundled all-MiniLM-L6-v2'})")
     backbone, tokenizer = load_backbone(model_path, task_type, spec)
+    if partitioned(backbone):  # what zero3_init_flag is for: no process held the backbone whole
+        held, total = partition_share(backbone)
+        say(f"the backbone loaded partitioned over {accelerator.num_processes} processes (DeepSpeed ZeRO-3): "
+            f"this process holds {held:,} of its {total:,} weights")
     try:
         model = build_model(backbone, options["method"], method_config, tokenizer=tokenizer,
                             **method_settings(options, options["method"]))
@@ -129,10 +135,8 @@ def train_command(args: argparse.Namespace) -> int:
     if model.max_length is None and task_type != "seq2seq" and "max_length" in options:  # an explicit one fits
         check_prompt_fits(backbone, model.prompt_positions, train_config.max_length)
     results = train(model, tokenizer, spec, data, train_config,
-                    run_info=run_info(options, model_path, task_type, spec))
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
+                    run_info=run_info(options, model_path, task_type, spec), accelerator=accelerator)
+    if accelerator.is_main_process:
         print(json.dumps(round_floats(summary(results))))
     return 0
 

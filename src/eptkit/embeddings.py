@@ -86,6 +86,12 @@ def partitioned(module: nn.Module) -> bool:
     return any(_zero3(p) for p in module.parameters())
 
 
+def partition_share(module: nn.Module) -> tuple[int, int]:
+    """(weights this process holds, weights in all) of the ZeRO-3 parameters of `module`."""
+    zero3 = [p for p in module.parameters() if _zero3(p)]
+    return sum(p.ds_tensor.numel() for p in zero3), sum(p.ds_numel for p in zero3)
+
+
 def whole_copy(module: nn.Module) -> nn.Module:
     """A deep copy of `module` (a classifier head a new adapter trains) whose parameters are whole, plain
     tensors. A plain deepcopy of a sharded module copies shards that nothing manages: ZeRO-3's empty

@@ -17,8 +17,8 @@ one mesh. LoRA's matrices and full fine-tuning's weights live in the blocks and 
 
 The rest of eptkit reads and writes trainable tensors through this module: `full_state` gathers them
 (a collective: every process calls it), `copy_into` writes a full tensor into its shard, and
-`local_optimizer_state` / `restore_optimizer_state` turn the optimizer's sharded state into plain
-tensors for a per-process checkpoint file and back.
+`local_optimizer_state` / `load_local_optimizer_state` turn the optimizer's sharded state (FSDP's, or
+DeepSpeed ZeRO's partitions) into plain tensors for a per-process checkpoint file and back.
 """
 
 from __future__ import annotations
@@ -157,9 +157,31 @@ def copy_into(target: torch.Tensor, source: torch.Tensor) -> None:
     target.copy_(source.to(target.dtype))
 
 
+def per_process_optimizer(model: nn.Module, optimizer) -> bool:
+    """Whether each process holds its own part of the optimizer's state, saved to a file of its own
+    (optimizer-R.pt): sharded by FSDP, or partitioned by DeepSpeed ZeRO-3 (its optimizer keeps this
+    process's part of the moments and of the fp32 master weights)."""
+    return is_sharded(model) or _zero3_optimizer(optimizer) is not None
+
+
+def _zero3_optimizer(optimizer):
+    """DeepSpeed's ZeRO-3 optimizer behind accelerate's wrapper, or None. (ZeRO-1/2 optimizers keep
+    objects in their state that a weights_only load refuses; they are not supported here.)"""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+    return inner if hasattr(inner, "fp32_partitioned_groups_flat") and hasattr(inner, "loss_scaler") else None
+
+
 def local_optimizer_state(optimizer) -> dict:
-    """optimizer.state_dict() with each sharded tensor as this process's shard (a plain tensor that
-    torch.load(weights_only=True) reads back)."""
+    """This process's part of the optimizer's state as plain tensors and numbers, which
+    torch.load(weights_only=True) reads back: a sharded tensor as its shard; ZeRO-3's state with its
+    loss scaler (an object) as the scaler's numbers and its stage (an enum) as an int."""
+    zero = _zero3_optimizer(optimizer)
+    if zero is not None:
+        state = dict(zero.state_dict())
+        state["loss_scaler"] = {k: v for k, v in vars(state["loss_scaler"]).items()
+                                if isinstance(v, (bool, int, float, torch.Tensor))}
+        state["zero_stage"] = int(state["zero_stage"])
+        return state
     DTensor = _dtensor()
     state = optimizer.state_dict()
     state["state"] = {i: {k: v.to_local() if isinstance(v, DTensor) else v for k, v in s.items()}
@@ -167,8 +189,22 @@ def local_optimizer_state(optimizer) -> dict:
     return state
 
 
-def restore_optimizer_state(optimizer) -> None:
-    """After `optimizer.load_state_dict` of a `local_optimizer_state`: the moments of sharded
+def load_local_optimizer_state(optimizer, state: dict) -> None:
+    """The inverse of `local_optimizer_state`, in the same processes: each loads its own part."""
+    zero = _zero3_optimizer(optimizer)
+    if zero is not None:
+        vars(zero.loss_scaler).update(state["loss_scaler"])
+        state = {**state, "loss_scaler": zero.loss_scaler}
+        # DeepSpeed takes every process's state and picks this process's by its rank; each has only its own.
+        # Its load also sets the trainable weights from the fp32 master weights it restores.
+        zero.load_state_dict([state] * torch.distributed.get_world_size(group=zero.dp_process_group))
+        return
+    optimizer.load_state_dict(state)
+    _restore_dtensors(optimizer)
+
+
+def _restore_dtensors(optimizer) -> None:
+    """After `optimizer.load_state_dict` of a sharded `local_optimizer_state`: the moments of sharded
     parameters made DTensors again (shards of the parameter's layout), as the optimizer keeps them."""
     DTensor = _dtensor()
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer

@@ -47,7 +47,8 @@ from .embeddings import partitioned
 from .evaluation import evaluate_rows, main_metric
 from .files import atomic_write_json
 from .reporting import Report, peak_memory_mb, run_results
-from .sharding import check_sharding, cpu_state, is_sharded, load_whole, no_sync, plain, save_whole, shard_model
+from .sharding import check_sharding, cpu_state, is_sharded, load_whole, no_sync, per_process_optimizer, plain
+from .sharding import save_whole, shard_model
 from .optim import group_lrs, make_optimizer, make_scheduler, standardize_regression
 from .run_files import LOG_NAME, RESULTS_NAME, prepare_output_dir, trim_log
 from .tasks.formatting import MODEL_INPUT_KEYS, Collator
@@ -56,7 +57,7 @@ from .trainable import TrainableModel, set_gradient_checkpointing
 
 logger = logging.getLogger("eptkit")
 
-__all__ = ["TrainConfig", "Trainer", "InterruptFlag", "train"]
+__all__ = ["TrainConfig", "Trainer", "InterruptFlag", "make_accelerator", "train"]
 
 
 def _describe_run(spec, model, config: TrainConfig, extra: dict | None) -> dict:
@@ -95,7 +96,7 @@ class Trainer:
         self.spec = get_task(task)
         self.tokenizer = tokenizer
         self.callbacks = list(callbacks or [])
-        self.accelerator = acc = accelerator or _accelerator(config)
+        self.accelerator = acc = accelerator or make_accelerator(config)
         self.is_main = acc.is_main_process
         if not self.is_main:  # one copy of the data warnings, not one per process
             logger.setLevel(logging.ERROR)
@@ -148,7 +149,8 @@ class Trainer:
         trainable = cpu_state(self.unwrapped) if self.is_main or collective else None
         return save_checkpoint(self.output_dir, self.state, accelerator=self.accelerator, trainable=trainable,
                                best=self.best_state, optimizer=self.optimizer, scheduler=self.scheduler, rng=rng,
-                               meta=self.checkpoint_meta(), keep=self.config.save_total_limit, sharded=self.sharded)
+                               meta=self.checkpoint_meta(), keep=self.config.save_total_limit,
+                               sharded=per_process_optimizer(self.model, self.optimizer))
 
     def load_checkpoint(self, directory: Path) -> None:
         self.state, self.best_state = load_checkpoint(
@@ -385,16 +387,27 @@ def _prepare(model, config: TrainConfig, lrs: dict, acc):
     return *acc.prepare(model, optimizer), scheduler
 
 
-def _accelerator(config: TrainConfig):
+def make_accelerator(config: TrainConfig):
+    """The run's Accelerator. Create it before the backbone loads (as `eptkit train` does) and pass it to
+    `train`: under DeepSpeed ZeRO-3 with `zero3_init_flag` (recipes/accelerate/zero3.yaml) creating it
+    registers the DeepSpeed config with transformers, whose `from_pretrained` then loads every weight
+    already partitioned (deepspeed.zero.Init), so no process ever holds the whole backbone. Otherwise
+    when it is created changes nothing."""
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
-    # Several processes on a machine without a GPU (torchrun / `accelerate launch --multi_gpu`):
-    # accelerate only picks its multi-CPU (gloo) mode when told cpu=True.
-    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("mixed_precision: 'fp16' needs a GPU (on a CPU it would run unscaled fp32 autocast "
                          "under an fp16 name); use 'bf16' or 'no'")
-    return Accelerator(mixed_precision=config.mixed_precision, cpu=cpu)
+    # Several processes on a machine without a GPU (torchrun / `accelerate launch --multi_gpu`): accelerate
+    # only picks its multi-CPU (gloo) mode when told cpu=True. Under DeepSpeed (on a CPU: its CPU
+    # accelerator, DS_ACCELERATOR=cpu) cpu=True would drop the DeepSpeed config, so accelerate is named the
+    # gloo backend instead; without a backend it would count one process in each of the launched ones.
+    several_cpus = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if several_cpus and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return Accelerator(mixed_precision=config.mixed_precision,
+                           kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+    return Accelerator(mixed_precision=config.mixed_precision, cpu=several_cpus)
 
 
 def _tell_deepspeed(accelerator, config: TrainConfig) -> None:
