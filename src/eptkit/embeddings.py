@@ -81,6 +81,10 @@ def _zero3(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_shape") and hasattr(param, "ds_numel")
 
 
+def _zero3_parameters(module: nn.Module) -> list[torch.Tensor]:
+    return [p for p in module.parameters() if _zero3(p)]
+
+
 def partitioned(module: nn.Module) -> bool:
     """Some parameter of `module` is a ZeRO-3 partition: reading it whole is a collective."""
     return any(_zero3(p) for p in module.parameters())
@@ -88,7 +92,7 @@ def partitioned(module: nn.Module) -> bool:
 
 def partition_share(module: nn.Module) -> tuple[int, int]:
     """(weights this process holds, weights in all) of the ZeRO-3 parameters of `module`."""
-    zero3 = [p for p in module.parameters() if _zero3(p)]
+    zero3 = _zero3_parameters(module)
     return sum(p.ds_tensor.numel() for p in zero3), sum(p.ds_numel for p in zero3)
 
 
@@ -97,7 +101,7 @@ def whole_copy(module: nn.Module) -> nn.Module:
     tensors. A plain deepcopy of a sharded module copies shards that nothing manages: ZeRO-3's empty
     placeholders (without ds_shape: an empty head), FSDP2's DTensors (which a later fully_shard of the
     root refuses). The copy is gathered once; accelerate's prepare then shards it with the rest."""
-    zero3 = [p for p in module.parameters() if _zero3(p)]
+    zero3 = _zero3_parameters(module)
     if zero3:
         import deepspeed
 
@@ -116,7 +120,7 @@ def whole_parameters(module: nn.Module, modify: bool = False):
     """Every ZeRO-3 parameter of `module` whole for the length of the `with` (nothing to do otherwise):
     the trainable tensors read for a checkpoint or the saved adapter, or written back (`modify`: the
     first process's values are scattered back to every process on leaving)."""
-    zero3 = [p for p in module.parameters() if _zero3(p)]
+    zero3 = _zero3_parameters(module)
     if not zero3:
         yield
         return
