@@ -294,24 +294,26 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
                                      reason="deepspeed is not installed")
 
 
-def _zero3_launch(tmp_path, num_processes: int, *args) -> list[str]:
+def _zero_launch(tmp_path, num_processes: int, *args, stage: int = 3) -> list[str]:
     """`accelerate launch` with the zero3 recipe's settings on the CPU (DeepSpeed's CPU accelerator, gloo;
-    run with ZERO3_ENV), but every parameter partitioned (persistence threshold 0: in a tiny model the
-    prompt and head would otherwise stay whole, as small tensors do) and fp32 (bf16 is for GPUs)."""
+    run with ZERO3_ENV) at ZeRO `stage`, fp32 (bf16 is for GPUs); at stage 3 every parameter partitioned
+    (persistence threshold 0: in a tiny model the prompt and head would otherwise stay whole, as small
+    tensors do)."""
     import yaml
 
     recipe = yaml.safe_load(ZERO3_RECIPE.read_text())
     ds = recipe["deepspeed_config"]
-    (tmp_path / "ds.json").write_text(json.dumps({
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
-                              "offload_param": {"device": ds["offload_param_device"]},
-                              "offload_optimizer": {"device": ds["offload_optimizer_device"]}},
-        "gradient_clipping": ds["gradient_clipping"], "gradient_accumulation_steps": 1,
+    zero = {"stage": stage, "offload_optimizer": {"device": ds["offload_optimizer_device"]}}
+    if stage == 3:
+        zero.update(stage3_param_persistence_threshold=0, offload_param={"device": ds["offload_param_device"]})
+    (tmp_path / f"ds{stage}.json").write_text(json.dumps({
+        "zero_optimization": zero, "gradient_clipping": ds["gradient_clipping"], "gradient_accumulation_steps": 1,
         "train_micro_batch_size_per_gpu": "auto", "bf16": {"enabled": False}}))
-    recipe.update(deepspeed_config={"deepspeed_config_file": str(tmp_path / "ds.json"),
-                                    "zero3_init_flag": ds["zero3_init_flag"]}, num_processes=num_processes)
+    recipe.update(deepspeed_config={"deepspeed_config_file": str(tmp_path / f"ds{stage}.json"),
+                                    "zero3_init_flag": stage == 3 and ds["zero3_init_flag"]},
+                  num_processes=num_processes)
     recipe.pop("mixed_precision")  # the DeepSpeed file decides it
-    config = tmp_path / f"zero3-{num_processes}.yaml"
+    config = tmp_path / f"zero{stage}-{num_processes}.yaml"
     config.write_text(yaml.safe_dump(recipe))
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
             "--main_process_port", "0", *map(str, args)]
@@ -326,7 +328,7 @@ def test_zero3_with_accelerate_launch_trains_what_one_process_trains(tiny, tmp_p
     """DeepSpeed ZeRO-3 in one process through `accelerate launch`: the word embeddings, prompt and head
     are placeholders, and the saved adapter must still equal the one of a plain run."""
     args = small_train_args(tiny["bert"], tmp_path / "zero3", "pt", steps=3) + ["--gradient-checkpointing"]
-    proc = subprocess.run(_zero3_launch(tmp_path, 1, "-m", "eptkit.cli", *args), capture_output=True, text=True,
+    proc = subprocess.run(_zero_launch(tmp_path, 1, "-m", "eptkit.cli", *args), capture_output=True, text=True,
                           timeout=600, env=ZERO3_ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert main([str(a) for a in small_train_args(tiny["bert"], tmp_path / "plain", "pt", steps=3)]) == 0
@@ -360,7 +362,7 @@ def test_zero3_loads_the_backbone_partitioned(tiny, tmp_path):
 
     script = tmp_path / "layout.py"
     script.write_text(ZERO3_LAYOUT)
-    proc = subprocess.run(_zero3_launch(tmp_path, 2, script, tiny["bert"]), capture_output=True, text=True,
+    proc = subprocess.run(_zero_launch(tmp_path, 2, script, tiny["bert"]), capture_output=True, text=True,
                           timeout=600, env=ZERO3_ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = [json.loads(ln[len("RESULT "):]) for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -374,55 +376,61 @@ def test_zero3_loads_the_backbone_partitioned(tiny, tmp_path):
             assert held == math.ceil(p.numel() / 2), name
 
 
-@pytest.fixture(scope="module")
-def zero3_two(tiny, tmp_path_factory):
-    """An uninterrupted 2-process ZeRO-3 run (PT, 4 steps, checkpoints at 2 and 4) on the tiny BERT without
-    dropout (each process draws its own dropout masks, so only then does it equal a one-process run)."""
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+def zero_two(tiny, tmp_path_factory, request):
+    """An uninterrupted 2-process ZeRO run (stage 2: optimizer state and gradients partitioned; stage 3: the
+    weights too) of PT, 4 steps, checkpoints at 2 and 4, on the tiny BERT without dropout (each process
+    draws its own dropout masks, so only then does it equal a one-process run)."""
     if importlib.util.find_spec("deepspeed") is None or not (DATA / "superglue" / "CB" / "train.jsonl").is_file():
         pytest.skip("needs deepspeed and the data folder")
-    root = tmp_path_factory.mktemp("zero3_two")
+    stage = request.param
+    root = tmp_path_factory.mktemp(f"zero{stage}_two")
     model = root / "bert"
     shutil.copytree(tiny["bert"], model)
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "hidden_dropout_prob": 0.0,
                                                     "attention_probs_dropout_prob": 0.0}))
     args = small_train_args(str(model), root / "a", "pt", steps=4) + ["--gradient-checkpointing"]
-    proc = subprocess.run(_zero3_launch(root, 2, "-m", "eptkit.cli", *args), capture_output=True, text=True,
-                          timeout=600, env=ZERO3_ENV)
+    proc = subprocess.run(_zero_launch(root, 2, "-m", "eptkit.cli", *args, stage=stage), capture_output=True,
+                          text=True, timeout=600, env=ZERO3_ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"root": root, "model": str(model), "out": root / "a", "args": args, "stderr": proc.stderr}
+    return {"stage": stage, "root": root, "model": str(model), "out": root / "a", "args": args,
+            "stderr": proc.stderr}
 
 
-def test_zero3_two_processes_load_partitioned_and_train_what_one_process_trains(zero3_two, tmp_path):
-    """`eptkit train` under the zero3 recipe loads the backbone partitioned (it says so: half of the weights
-    in the main process), and 2 processes of 4 rows train the adapter of one process of 8."""
+def test_zero_two_processes_train_what_one_process_trains(zero_two, tmp_path):
+    """2 processes of 4 rows train the adapter of one process of 8. Under ZeRO-3 `eptkit train` loads the
+    backbone partitioned (it says so: half of the weights in the main process); under ZeRO-2 whole."""
     import re
 
     said = re.search(r"partitioned over 2 processes \(DeepSpeed ZeRO-3\): this process holds ([\d,]+) of its "
-                     r"([\d,]+) weights", zero3_two["stderr"])
-    assert said, zero3_two["stderr"][-3000:]
-    held, total = (int(g.replace(",", "")) for g in said.groups())
-    assert total / 2 <= held <= total / 2 + 100  # each weight's half, padded up to whole elements
-    plain = small_train_args(zero3_two["model"], tmp_path / "plain", "pt", steps=4)
+                     r"([\d,]+) weights", zero_two["stderr"])
+    if zero_two["stage"] == 3:
+        assert said, zero_two["stderr"][-3000:]
+        held, total = (int(g.replace(",", "")) for g in said.groups())
+        assert total / 2 <= held <= total / 2 + 100  # each weight's half, padded up to whole elements
+    else:
+        assert not said
+    plain = small_train_args(zero_two["model"], tmp_path / "plain", "pt", steps=4)
     plain[plain.index("--batch-size") + 1] = "8"
     assert main([str(a) for a in plain]) == 0
-    zero3 = load_file(str(zero3_two["out"] / "adapter_model.safetensors"))
+    zero = load_file(str(zero_two["out"] / "adapter_model.safetensors"))
     for name, tensor in load_file(str(tmp_path / "plain" / "adapter_model.safetensors")).items():
-        torch.testing.assert_close(zero3[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(zero[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_zero3_resume_ends_where_the_uninterrupted_run_ends(zero3_two, tmp_path):
-    """A 2-process ZeRO-3 run stopped after its step-2 checkpoint (the uninterrupted run's folder as it was
+def test_zero_resume_ends_where_the_uninterrupted_run_ends(zero_two, tmp_path):
+    """A 2-process ZeRO run stopped after its step-2 checkpoint (the uninterrupted run's folder as it was
     then) and resumed: every process reloads its part of the optimizer (moments and fp32 master weights,
     optimizer-R.pt), so steps 3 and 4 are the uninterrupted run's."""
-    a, b = zero3_two["out"], tmp_path / "b"
+    a, b = zero_two["out"], tmp_path / "b"
     shutil.copytree(a, b)
     shutil.rmtree(b / "checkpoints" / "step-000004")
     (b / "results.json").unlink()
-    args = zero3_two["args"]
+    args = zero_two["args"]
     args = [*args[:args.index("--output-dir") + 1], str(b), *args[args.index("--output-dir") + 2:], "--resume"]
-    proc = subprocess.run(_zero3_launch(tmp_path, 2, "-m", "eptkit.cli", *args), capture_output=True,
-                          text=True, timeout=600, env=ZERO3_ENV)
+    proc = subprocess.run(_zero_launch(tmp_path, 2, "-m", "eptkit.cli", *args, stage=zero_two["stage"]),
+                          capture_output=True, text=True, timeout=600, env=ZERO3_ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr and "step-000002" in proc.stderr
     assert {"optimizer-0.pt", "optimizer-1.pt"} <= {p.name for p in (a / "checkpoints" / "step-000002").iterdir()}

@@ -366,6 +366,12 @@ def test_resume_refuses_other_settings_and_fresh_runs_refuse_old_checkpoints(tin
         train(model, tok, "cb", synthetic_cb(), quick_config(tmp_path, max_steps=2))
     with pytest.raises(ValueError, match="seed=7"):
         train(model, tok, "cb", synthetic_cb(), quick_config(tmp_path, max_steps=3, seed=8, resume=True))
+    # optimizer state kept per process (as FSDP and DeepSpeed ZeRO launches write it) is not this launch's
+    ckpt = checkpoint_dirs(tmp_path)[-1]
+    (ckpt / "optimizer.pt").rename(ckpt / "optimizer-0.pt")
+    with pytest.raises(ValueError, match=r"per process \(optimizer-R.pt.*this launch keeps it in one file"):
+        train(model, tok, "cb", synthetic_cb(), quick_config(tmp_path, max_steps=3, resume=True))
+    (ckpt / "optimizer-0.pt").rename(ckpt / "optimizer.pt")
     model, tok = make_model(tiny_models["bert"], "dept")
     with pytest.raises(ValueError, match="method"):
         train(model, tok, "cb", synthetic_cb(), quick_config(tmp_path, max_steps=3, resume=True))

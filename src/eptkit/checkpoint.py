@@ -3,8 +3,8 @@
 checkpoints/step-NNNNNN/ holds
   trainable.safetensors   the trainable tensors now          best.safetensors   the best ones so far
   optimizer.pt            optimizer, scheduler (and fp16 grad-scaler) state, read back weights_only=True
-  optimizer-R.pt          instead, in a sharded run (FSDP, DeepSpeed ZeRO-3; `eptkit.sharding`): process R's
-                          part of that state
+  optimizer-R.pt          instead, where each process keeps its own part of the optimizer's state (FSDP,
+                          DeepSpeed ZeRO; `eptkit.sharding.Placement`): process R's part
   rng-R.pt                the RNG states of process R (dropout differs per process)
   trainer_state.json      `RunState` (data position, best metric, timings), the configs and method
 A checkpoint is written into a temporary directory and renamed, so it exists completely or not at
@@ -104,13 +104,13 @@ def _remove(directory: Path) -> None:
 
 
 def save_checkpoint(output_dir: Path, state: RunState, *, accelerator, trainable, best, optimizer, scheduler,
-                    rng: dict | None, meta: dict, keep: int, sharded: bool = False) -> Path:
+                    rng: dict | None, meta: dict, keep: int, per_process_optimizer: bool = False) -> Path:
     """Write checkpoints/step-N/ (every process calls this; only the main one writes the shared files).
 
     trainable, best: tensors (main process; best may be None). meta: what trainer_state.json records
-    besides `state` (configs, method). keep: how many checkpoints to keep. sharded: the optimizer's state
-    is sharded (FSDP) or partitioned (ZeRO-3; `eptkit.sharding.per_process_optimizer`); each process
-    writes its own part (optimizer-R.pt), never gathered in one place.
+    besides `state` (configs, method). keep: how many checkpoints to keep. per_process_optimizer: each
+    process holds its own part of the optimizer's state (FSDP, DeepSpeed ZeRO; `eptkit.sharding.Placement`)
+    and writes it (optimizer-R.pt), never gathered in one place.
     """
     acc = accelerator
     root = Path(output_dir) / CHECKPOINTS_DIR
@@ -123,7 +123,7 @@ def save_checkpoint(output_dir: Path, state: RunState, *, accelerator, trainable
         tmp.mkdir()
     acc.wait_for_everyone()
     atomic_torch_save(rng or rng_state(), tmp / f"rng-{acc.process_index}.pt")
-    if sharded:
+    if per_process_optimizer:
         atomic_torch_save(_optimizer_files(acc, optimizer, scheduler, local_optimizer_state(optimizer)),
                           tmp / f"optimizer-{acc.process_index}.pt")
     acc.wait_for_everyone()
@@ -131,7 +131,7 @@ def save_checkpoint(output_dir: Path, state: RunState, *, accelerator, trainable
         atomic_save_safetensors(tmp / "trainable.safetensors", trainable)
         if best is not None:
             atomic_save_safetensors(tmp / "best.safetensors", best)
-        if not sharded:
+        if not per_process_optimizer:
             atomic_torch_save(_optimizer_files(acc, optimizer, scheduler, optimizer.state_dict()),
                               tmp / "optimizer.pt")
         atomic_write_json(tmp / "trainer_state.json",
@@ -171,15 +171,23 @@ def _max_steps_change(saved_config: dict, config: TrainConfig, step: int) -> lis
 
 
 def load_checkpoint(directory: Path, *, accelerator, config: TrainConfig, meta: dict, model, optimizer,
-                    scheduler) -> tuple[RunState, dict | None]:
+                    scheduler, per_process_optimizer: bool = False) -> tuple[RunState, dict | None]:
     """Restore model tensors, optimizer, scheduler and this process's RNG from `directory`; return the
-    run state and the best tensors. A checkpoint of other settings (`meta`: method and its config) or
-    another number of processes is refused: the resumed run could not equal an uninterrupted one."""
+    run state and the best tensors. A checkpoint of other settings (`meta`: method and its config), of
+    another number of processes or of another optimizer layout (`per_process_optimizer`, as in
+    `save_checkpoint`) is refused: the resumed run could not equal an uninterrupted one."""
     acc = accelerator
     saved = json.loads((directory / "trainer_state.json").read_text())
     if saved.get("num_processes", 1) != acc.num_processes:
         raise ValueError(f"{directory}: checkpoint was written by {saved['num_processes']} process(es); "
                          f"resume with the same number (now {acc.num_processes})")
+    own = directory / f"optimizer-{acc.process_index}.pt"
+    if per_process_optimizer != own.is_file():
+        kept = {False: "in one file (optimizer.pt: one process, DDP)",
+                True: "per process (optimizer-R.pt: FSDP, DeepSpeed ZeRO)"}
+        raise ValueError(f"{directory}: the checkpoint keeps the optimizer's state {kept[own.is_file()]}, this "
+                         f"launch keeps it {kept[per_process_optimizer]}: resume under the launch settings that "
+                         "wrote it (accelerate config, --fsdp)")
     if isinstance(saved.get("method_config"), dict):  # written when offset_length was called max_length
         saved["method_config"] = saved_under_new_names(saved["method_config"])
     if saved.get("method_config") != meta["method_config"] or saved.get("method") != meta["method"]:
@@ -200,7 +208,6 @@ def load_checkpoint(directory: Path, *, accelerator, config: TrainConfig, meta: 
     load_whole(model, load_file(str(directory / "trainable.safetensors")), acc.device)
     best_path = directory / "best.safetensors"
     best = load_file(str(best_path)) if best_path.is_file() else None
-    own = directory / f"optimizer-{acc.process_index}.pt"  # a sharded run's (the same launch settings)
     opt = torch.load(own if own.is_file() else directory / "optimizer.pt", map_location="cpu", weights_only=True)
     if own.is_file():  # after the weights: ZeRO-3's load sets them again, from the fp32 master weights it restores
         load_local_optimizer_state(optimizer, opt["optimizer"])

@@ -24,11 +24,12 @@ DeepSpeed ZeRO's partitions) into plain tensors for a per-process checkpoint fil
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 from torch import nn
 
-from .embeddings import whole_parameters
+from .embeddings import partitioned, whole_parameters
 
 # Methods refused under sharding: PEFT's P-tuning and prefix tuning (their prompt encoders run inside PEFT's
 # own forward, on modules FSDP1 needed as separate units; not verified under FSDP2).
@@ -157,30 +158,44 @@ def copy_into(target: torch.Tensor, source: torch.Tensor) -> None:
     target.copy_(source.to(target.dtype))
 
 
-def per_process_optimizer(model: nn.Module, optimizer) -> bool:
-    """Whether each process holds its own part of the optimizer's state, saved to a file of its own
-    (optimizer-R.pt): sharded by FSDP, or partitioned by DeepSpeed ZeRO-3 (its optimizer keeps this
-    process's part of the moments and of the fp32 master weights)."""
-    return is_sharded(model) or _zero3_optimizer(optimizer) is not None
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a prepared model's trainable tensors and its optimizer's state live: facts of the launch,
+    read once when the Trainer prepares the model (`placement`), used at every checkpoint and at the end."""
+
+    sharded: bool  # FSDP: trainable tensors are DTensors, each process holding a shard
+    collective_reads: bool  # reading a trainable tensor whole is a collective (FSDP shards, ZeRO-3 partitions)
+    per_process_optimizer: bool  # each process keeps its own part of the optimizer's state (optimizer-R.pt)
 
 
-def _zero3_optimizer(optimizer):
-    """DeepSpeed's ZeRO-3 optimizer behind accelerate's wrapper, or None. (ZeRO-1/2 optimizers keep
-    objects in their state that a weights_only load refuses; they are not supported here.)"""
+def placement(model: nn.Module, optimizer) -> Placement:
+    """The `Placement` of a model and optimizer after `accelerator.prepare`. DeepSpeed ZeRO partitions the
+    optimizer's state (moments, fp32 master weights) at every stage, the weights themselves only at 3."""
+    sharded = is_sharded(model)
+    return Placement(sharded=sharded, collective_reads=sharded or partitioned(model),
+                     per_process_optimizer=sharded or _zero_optimizer(optimizer) is not None)
+
+
+def _zero_optimizer(optimizer):
+    """DeepSpeed's ZeRO optimizer (stage 1, 2 or 3) behind accelerate's wrapper, or None."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
-    return inner if hasattr(inner, "fp32_partitioned_groups_flat") and hasattr(inner, "loss_scaler") else None
+    partitions = ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups")  # stage 3, stages 1-2
+    return inner if hasattr(inner, "loss_scaler") and any(hasattr(inner, a) for a in partitions) else None
 
 
 def local_optimizer_state(optimizer) -> dict:
     """This process's part of the optimizer's state as plain tensors and numbers, which
-    torch.load(weights_only=True) reads back: a sharded tensor as its shard; ZeRO-3's state with its
+    torch.load(weights_only=True) reads back: a sharded tensor as its shard; DeepSpeed ZeRO's state with its
     loss scaler (an object) as the scaler's numbers and its stage (an enum) as an int."""
-    zero = _zero3_optimizer(optimizer)
+    zero = _zero_optimizer(optimizer)
     if zero is not None:
         state = dict(zero.state_dict())
         state["loss_scaler"] = {k: v for k, v in vars(state["loss_scaler"]).items()
                                 if isinstance(v, (bool, int, float, torch.Tensor))}
         state["zero_stage"] = int(state["zero_stage"])
+        # Stages 1-2: where each parameter's slice lies in the flat groups (objects), for DeepSpeed's
+        # "universal" checkpoints that change the process count; a same-launch reload does not read it.
+        state.pop("param_slice_mappings", None)
         return state
     DTensor = _dtensor()
     state = optimizer.state_dict()
@@ -191,13 +206,19 @@ def local_optimizer_state(optimizer) -> dict:
 
 def load_local_optimizer_state(optimizer, state: dict) -> None:
     """The inverse of `local_optimizer_state`, in the same processes: each loads its own part."""
-    zero = _zero3_optimizer(optimizer)
+    zero = _zero_optimizer(optimizer)
     if zero is not None:
         vars(zero.loss_scaler).update(state["loss_scaler"])
         state = {**state, "loss_scaler": zero.loss_scaler}
         # DeepSpeed takes every process's state and picks this process's by its rank; each has only its own.
-        # Its load also sets the trainable weights from the fp32 master weights it restores.
-        zero.load_state_dict([state] * torch.distributed.get_world_size(group=zero.dp_process_group))
+        # ZeRO-3's load also sets the trainable weights from the fp32 master weights it restores; stages 1-2
+        # restore their fp32 master weights only when told to (else they would copy them from the weights,
+        # which under bf16 are rounded), and the weights already hold the checkpoint's values.
+        copies = [state] * torch.distributed.get_world_size(group=zero.dp_process_group)
+        if hasattr(zero, "fp32_partitioned_groups_flat"):
+            zero.load_state_dict(copies)
+        else:
+            zero.load_state_dict(copies, load_from_fp32_weights=True)
         return
     optimizer.load_state_dict(state)
     _restore_dtensors(optimizer)

@@ -43,11 +43,10 @@ import torch
 from .batching import BatchPlan, encode_splits, text_max_length
 from .checkpoint import RunState, load_checkpoint, rng_state, save_checkpoint
 from .config import TrainConfig
-from .embeddings import partitioned
 from .evaluation import evaluate_rows, main_metric
 from .files import atomic_write_json
 from .reporting import Report, peak_memory_mb, run_results
-from .sharding import check_sharding, cpu_state, is_sharded, load_whole, no_sync, per_process_optimizer, plain
+from .sharding import check_sharding, cpu_state, load_whole, no_sync, placement, plain
 from .sharding import save_whole, shard_model
 from .optim import group_lrs, make_optimizer, make_scheduler, standardize_regression
 from .run_files import LOG_NAME, RESULTS_NAME, prepare_output_dir, trim_log
@@ -116,7 +115,7 @@ class Trainer:
         lrs = group_lrs(model, config)
         self.run_info["lr_absolute"] = {k: float(f"{v:.4g}") for k, v in lrs.items()}
         self.model, self.optimizer, self.scheduler = _prepare(model, config, lrs, acc)
-        self.sharded = is_sharded(self.model)  # by eptkit or by accelerate: trainable tensors are DTensors
+        self.placement = placement(self.model, self.optimizer)  # FSDP (eptkit's or accelerate's), ZeRO, or plain
         self.plan = BatchPlan(len(self.encoded["train"]), config.batch_size, acc.num_processes, acc.process_index,
                               config.seed)
         self.collate = Collator(tokenizer, model.task_type)
@@ -143,19 +142,20 @@ class Trainer:
     def save_checkpoint(self, rng: dict | None = None) -> Path:
         """checkpoints/step-N/, complete or absent (`eptkit.checkpoint.save_checkpoint`)."""
         # Sharded (FSDP) or partitioned (ZeRO-3) tensors are read whole by every process together; plain ones
-        # (one process, DDP) by the main process alone, which writes them: under DDP a fully fine-tuned
-        # model's copy on every other process would be memory spent for nothing.
-        collective = self.sharded or partitioned(self.unwrapped)
-        trainable = cpu_state(self.unwrapped) if self.is_main or collective else None
+        # (one process, DDP, ZeRO-1/2) by the main process alone, which writes them: under DDP a fully
+        # fine-tuned model's copy on every other process would be memory spent for nothing.
+        together = self.placement.collective_reads
+        trainable = cpu_state(self.unwrapped) if self.is_main or together else None
         return save_checkpoint(self.output_dir, self.state, accelerator=self.accelerator, trainable=trainable,
                                best=self.best_state, optimizer=self.optimizer, scheduler=self.scheduler, rng=rng,
                                meta=self.checkpoint_meta(), keep=self.config.save_total_limit,
-                               sharded=per_process_optimizer(self.model, self.optimizer))
+                               per_process_optimizer=self.placement.per_process_optimizer)
 
     def load_checkpoint(self, directory: Path) -> None:
         self.state, self.best_state = load_checkpoint(
             directory, accelerator=self.accelerator, config=self.config, meta=self.checkpoint_meta(),
-            model=self.unwrapped, optimizer=self.optimizer, scheduler=self.scheduler)
+            model=self.unwrapped, optimizer=self.optimizer, scheduler=self.scheduler,
+            per_process_optimizer=self.placement.per_process_optimizer)
         if self.is_main:  # steps after the checkpoint will be redone
             trim_log(self.output_dir, self.state.step)
 
@@ -328,7 +328,7 @@ class Trainer:
         acc, s, model = self.accelerator, self.state, self.unwrapped
         if self.best_state is not None:
             load_whole(model, self.best_state, acc.device)
-        whole = self.best_state if self.best_state is not None or not self.sharded else cpu_state(model)
+        whole = self.best_state if self.best_state is not None or not self.placement.sharded else cpu_state(model)
         save_whole(model, self.output_dir, whole, is_main=self.is_main)  # unsharded: the model's own tensors
         acc.wait_for_everyone()
         test_metrics = None
