@@ -144,8 +144,7 @@ class Trainer:
         # Sharded (FSDP) or partitioned (ZeRO-3) tensors are read whole by every process together; plain ones
         # (one process, DDP, ZeRO-1/2) by the main process alone, which writes them: under DDP a fully
         # fine-tuned model's copy on every other process would be memory spent for nothing.
-        together = self.placement.collective_reads
-        trainable = cpu_state(self.unwrapped) if self.is_main or together else None
+        trainable = cpu_state(self.unwrapped) if self.is_main or self.placement.collective_reads else None
         return save_checkpoint(self.output_dir, self.state, accelerator=self.accelerator, trainable=trainable,
                                best=self.best_state, optimizer=self.optimizer, scheduler=self.scheduler, rng=rng,
                                meta=self.checkpoint_meta(), keep=self.config.save_total_limit,
