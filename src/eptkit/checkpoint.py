@@ -208,8 +208,10 @@ def load_checkpoint(directory: Path, *, accelerator, config: TrainConfig, meta: 
     load_whole(model, load_file(str(directory / "trainable.safetensors")), acc.device)
     best_path = directory / "best.safetensors"
     best = load_file(str(best_path)) if best_path.is_file() else None
-    opt = torch.load(own if own.is_file() else directory / "optimizer.pt", map_location="cpu", weights_only=True)
-    if own.is_file():  # after the weights: ZeRO-3's load sets them again, from the fp32 master weights it restores
+    opt = torch.load(own if per_process_optimizer else directory / "optimizer.pt", map_location="cpu",
+                     weights_only=True)
+    # After the weights: ZeRO-3's optimizer load sets them again, from the fp32 master weights it restores.
+    if per_process_optimizer:
         load_local_optimizer_state(optimizer, opt["optimizer"])
     else:
         optimizer.load_state_dict(opt["optimizer"])
